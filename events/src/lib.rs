@@ -1,0 +1,22 @@
+//! The event schema of the school system and the names of everything on the broker.
+//!
+//! This is the only crate that knows protobuf: other crates work with the plain Rust types
+//! of [`model`] and call [`encode`] / [`decode`]. It is also the one place that knows stream,
+//! subject, consumer and bucket names ([`names`]).
+
+pub mod codec;
+pub mod model;
+pub mod names;
+
+pub use codec::{DecodeError, decode, encode};
+pub use model::{
+    AggregateKind, CourseDetails, Enrollment, Event, EventMetadata, EventPayload, StudentDetails,
+    TraceContext,
+};
+pub use names::{Projection, StreamNames};
+
+/// Generated protobuf types. Private to this crate: the schema is an encoding detail.
+mod proto {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/school.events.v1.rs"));
+}
