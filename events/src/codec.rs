@@ -62,11 +62,13 @@ pub fn encode(event: &Event) -> Vec<u8> {
 
 fn encode_payload(payload: &EventPayload) -> Payload {
     match payload {
-        EventPayload::StudentRegistered(d) => Payload::StudentRegistered(proto::StudentRegistered {
-            name: d.name.clone(),
-            first_name: d.first_name.clone(),
-            last_name: d.last_name.clone(),
-        }),
+        EventPayload::StudentRegistered(d) => {
+            Payload::StudentRegistered(proto::StudentRegistered {
+                name: d.name.clone(),
+                first_name: d.first_name.clone(),
+                last_name: d.last_name.clone(),
+            })
+        }
         EventPayload::StudentUpdated(d) => Payload::StudentUpdated(proto::StudentUpdated {
             name: d.name.clone(),
             first_name: d.first_name.clone(),

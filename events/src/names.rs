@@ -38,6 +38,19 @@ pub struct StreamNames {
     prefix: String,
 }
 
+/// A prefix that cannot name streams and subjects.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid stream prefix {0:?}: use 1 to 32 ASCII letters, digits, '-' or '_'")]
+pub struct InvalidPrefix(pub String);
+
+impl std::str::FromStr for StreamNames {
+    type Err = InvalidPrefix;
+
+    fn from_str(prefix: &str) -> Result<Self, Self::Err> {
+        StreamNames::parse(prefix)
+    }
+}
+
 impl Default for StreamNames {
     fn default() -> Self {
         StreamNames::new("school")
@@ -49,17 +62,27 @@ impl StreamNames {
     /// digits, `-` and `_` only.
     ///
     /// # Panics
-    /// On an invalid prefix: names are configuration fixed at start, never user input.
+    /// On an invalid prefix; use [`StreamNames::parse`] for configured values.
     pub fn new(prefix: impl Into<String>) -> Self {
+        match Self::parse(prefix) {
+            Ok(names) => names,
+            Err(error) => panic!("{error}"),
+        }
+    }
+
+    /// Checks a configured prefix.
+    pub fn parse(prefix: impl Into<String>) -> Result<Self, InvalidPrefix> {
         let prefix = prefix.into();
-        assert!(
-            !prefix.is_empty()
-                && prefix
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
-            "invalid stream prefix {prefix:?}: use ASCII letters, digits, '-' or '_'"
-        );
-        StreamNames { prefix }
+        let valid = !prefix.is_empty()
+            && prefix.len() <= 32
+            && prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if valid {
+            Ok(StreamNames { prefix })
+        } else {
+            Err(InvalidPrefix(prefix))
+        }
     }
 
     pub fn prefix(&self) -> &str {
@@ -126,11 +149,13 @@ mod tests {
             "school.events.student.00000000-0000-0000-0000-000000000000"
         );
         assert!(subject.starts_with(names.event_subjects().trim_end_matches('>')));
-        assert!(subject.starts_with(
-            names
-                .aggregate_kind_subjects(AggregateKind::Student)
-                .trim_end_matches('*')
-        ));
+        assert!(
+            subject.starts_with(
+                names
+                    .aggregate_kind_subjects(AggregateKind::Student)
+                    .trim_end_matches('*')
+            )
+        );
     }
 
     #[test]

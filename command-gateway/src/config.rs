@@ -1,0 +1,29 @@
+//! Configuration: environment variables with `--flag` mirrors, validated at start.
+
+use std::net::SocketAddr;
+
+use events::StreamNames;
+use service_kit::ApiKeys;
+use service_kit::nats::NatsArgs;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "command-gateway",
+    about = "REST command side of the school system"
+)]
+pub struct Config {
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    pub listen_addr: SocketAddr,
+    /// API keys as `write:KEY,read:KEY,...`; writes need a write key.
+    #[arg(long, env = "API_KEYS", hide_env_values = true)]
+    pub api_keys: ApiKeys,
+    /// Prefix of every stream, subject and bucket name.
+    #[arg(long, env = "STREAM_PREFIX", default_value = "school")]
+    pub stream_prefix: StreamNames,
+    /// Largest accepted request body in bytes.
+    #[arg(long, env = "BODY_LIMIT_BYTES", default_value_t = 64 * 1024)]
+    pub body_limit_bytes: usize,
+    #[command(flatten)]
+    pub nats: NatsArgs,
+}

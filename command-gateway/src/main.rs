@@ -1,0 +1,15 @@
+use anyhow::Context;
+use clap::Parser;
+use command_gateway::Config;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    service_kit::logging::init();
+    let app = command_gateway::build(&config).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen_addr)
+        .await
+        .with_context(|| format!("binding LISTEN_ADDR {}", config.listen_addr))?;
+    tracing::info!(addr = %config.listen_addr, "command-gateway listening");
+    command_gateway::run(listener, app, service_kit::shutdown::signal()).await
+}

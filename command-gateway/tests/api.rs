@@ -1,0 +1,311 @@
+//! The command gateway over real HTTP against a real JetStream (one stream set per test).
+
+use command_gateway::event_store::{AppendError, EventStore};
+use command_gateway::http::{AppState, router};
+use events::{AggregateKind, EventPayload, StudentDetails};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use test_support::{READ_KEY, TestBroker, WRITE_KEY};
+use uuid::Uuid;
+
+struct TestGateway {
+    url: String,
+    http: reqwest::Client,
+    broker: TestBroker,
+}
+
+const BODY_LIMIT: usize = 64 * 1024;
+
+impl TestGateway {
+    async fn spawn() -> TestGateway {
+        let broker = TestBroker::start().await;
+        let store = EventStore::new(broker.jetstream.clone(), broker.names.clone());
+        let state = AppState {
+            store,
+            nats: broker.client.clone(),
+        };
+        let app = router(state, test_support::api_keys(), BODY_LIMIT);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(command_gateway::run(listener, app, std::future::pending()));
+        TestGateway {
+            url,
+            http: reqwest::Client::new(),
+            broker,
+        }
+    }
+
+    fn post_students(&self) -> reqwest::RequestBuilder {
+        self.http
+            .post(format!("{}/api/students", self.url))
+            .header("x-api-key", WRITE_KEY)
+    }
+
+    async fn post_student_json(&self, body: Value) -> reqwest::Response {
+        self.post_students()
+            .json(&body)
+            .send()
+            .await
+            .expect("request")
+    }
+}
+
+async fn problem(response: reqwest::Response) -> Value {
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json",
+        "status {}",
+        response.status()
+    );
+    response.json().await.expect("problem body")
+}
+
+#[tokio::test]
+async fn registering_a_student_appends_one_event_and_answers_201_with_its_position() {
+    let gateway = TestGateway::spawn().await;
+    let response = gateway
+        .post_student_json(json!({"name": " Ada L ", "first_name": "Ada", "last_name": "Lovelace"}))
+        .await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let token: u64 = response.headers()["x-consistency-token"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("a stream sequence");
+    assert_eq!(response.headers()["etag"], format!("\"{token}\"").as_str());
+    let body: Value = response.json().await.expect("json");
+    let id = Uuid::parse_str(body["data"]["id"].as_str().expect("id")).expect("uuid");
+    assert_eq!(id.get_version_num(), 7, "ids are UUID v7");
+
+    // The event is on the student's own subject, at the sequence the token names.
+    let stream = gateway
+        .broker
+        .jetstream
+        .get_stream(gateway.broker.names.event_stream())
+        .await
+        .expect("stream");
+    let stored = stream.get_raw_message(token).await.expect("stored event");
+    assert_eq!(
+        stored.subject.as_str(),
+        gateway
+            .broker
+            .names
+            .aggregate_subject(AggregateKind::Student, id)
+    );
+    let event = events::decode(&stored.payload).expect("decodes");
+    assert_eq!(event.metadata.aggregate_id, id);
+    assert_eq!(
+        event.payload,
+        EventPayload::StudentRegistered(StudentDetails {
+            name: "Ada L".into(),
+            first_name: "Ada".into(),
+            last_name: "Lovelace".into(),
+        })
+    );
+    gateway.broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn invalid_fields_are_a_422_naming_every_one() {
+    let gateway = TestGateway::spawn().await;
+    let response = gateway
+        .post_student_json(
+            json!({"name": "ab", "last_name": "x".repeat(21), "course_ids": ["nope"]}),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body = problem(response).await;
+    let fields: Vec<&str> = body["errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .map(|e| e["field"].as_str().expect("field"))
+        .collect();
+    assert_eq!(fields, ["name", "first_name", "last_name", "course_ids[0]"]);
+    assert_eq!(body["status"], 422);
+    assert_eq!(body["type"], "urn:school:problem:validation-failed");
+    gateway.broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn malformed_bodies_get_4xx_problems_and_append_nothing() {
+    let gateway = TestGateway::spawn().await;
+    let cases: Vec<(&str, reqwest::RequestBuilder, StatusCode)> = vec![
+        (
+            "broken json",
+            gateway
+                .post_students()
+                .header("content-type", "application/json")
+                .body("{\"name\": "),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "unknown field",
+            gateway.post_students().json(
+                &json!({"name": "Ada L", "first_name": "Ada", "last_name": "Lovelace", "age": 36}),
+            ),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "wrong type",
+            gateway
+                .post_students()
+                .json(&json!({"name": 5, "first_name": "Ada", "last_name": "Lovelace"})),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "not an object",
+            gateway.post_students().json(&json!(["Ada"])),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "wrong content type",
+            gateway
+                .post_students()
+                .header("content-type", "text/plain")
+                .body("{}"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "oversize body",
+            gateway
+                .post_students()
+                .header("content-type", "application/json")
+                .body(format!("{{\"name\": \"{}\"}}", "x".repeat(BODY_LIMIT))),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+    ];
+    for (case, request, expected) in cases {
+        let response = request.send().await.expect("request");
+        assert_eq!(response.status(), expected, "{case}");
+        let body = problem(response).await;
+        assert_eq!(body["status"], expected.as_u16(), "{case}");
+    }
+    let info = gateway
+        .broker
+        .jetstream
+        .get_stream(gateway.broker.names.event_stream())
+        .await
+        .expect("stream")
+        .get_info()
+        .await
+        .expect("info");
+    assert_eq!(info.state.messages, 0, "no bad request may append an event");
+    gateway.broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn writes_need_a_write_key() {
+    let gateway = TestGateway::spawn().await;
+    let body = json!({"name": "Ada L", "first_name": "Ada", "last_name": "Lovelace"});
+    let url = format!("{}/api/students", gateway.url);
+    let cases = [
+        (None, StatusCode::UNAUTHORIZED),
+        (Some("not-a-key-at-all"), StatusCode::UNAUTHORIZED),
+        (Some(READ_KEY), StatusCode::FORBIDDEN),
+    ];
+    for (key, expected) in cases {
+        let mut request = gateway.http.post(&url).json(&body);
+        if let Some(key) = key {
+            request = request.header("x-api-key", key);
+        }
+        let response = request.send().await.expect("request");
+        assert_eq!(response.status(), expected, "{key:?}");
+        problem(response).await;
+    }
+    gateway.broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_are_problems_and_health_is_open() {
+    let gateway = TestGateway::spawn().await;
+    let response = gateway
+        .http
+        .get(format!("{}/nope", gateway.url))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    problem(response).await;
+    let response = gateway
+        .http
+        .delete(format!("{}/api/students", gateway.url))
+        .header("x-api-key", WRITE_KEY)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    for path in ["/healthz", "/readyz"] {
+        let response = gateway
+            .http
+            .get(format!("{}{path}", gateway.url))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+    }
+    gateway.broker.cleanup().await;
+}
+
+fn registered(id: Uuid) -> events::Event {
+    events::Event {
+        metadata: events::EventMetadata {
+            event_id: Uuid::now_v7(),
+            aggregate_kind: AggregateKind::Student,
+            aggregate_id: id,
+            occurred_at: chrono::Utc::now(),
+            correlation_id: Uuid::now_v7(),
+            causation_id: Uuid::now_v7(),
+            trace: Default::default(),
+        },
+        payload: EventPayload::StudentRegistered(StudentDetails {
+            name: "Grace H".into(),
+            first_name: "Grace".into(),
+            last_name: "Hopper".into(),
+        }),
+    }
+}
+
+#[tokio::test]
+async fn a_second_writer_expecting_the_same_version_loses() {
+    let broker = TestBroker::start().await;
+    let store = EventStore::new(broker.jetstream.clone(), broker.names.clone());
+    let id = Uuid::now_v7();
+    store
+        .append(&registered(id), 0)
+        .await
+        .expect("first writer wins");
+    let second = store.append(&registered(id), 0).await;
+    assert!(
+        matches!(second, Err(AppendError::Conflict { expected: 0 })),
+        "{second:?}"
+    );
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_retried_append_of_the_same_event_is_stored_once() {
+    let broker = TestBroker::start().await;
+    let store = EventStore::new(broker.jetstream.clone(), broker.names.clone());
+    let event = registered(Uuid::now_v7());
+    let first = store.append(&event, 0).await.expect("stored");
+    // Same event id (a retry after a lost ack): the store recognises its own event on the
+    // subject and answers with the original position instead of a conflict.
+    let retry = store
+        .append(&event, 0)
+        .await
+        .expect("deduplicated, not a conflict");
+    assert_eq!(first, retry);
+    let info = broker
+        .jetstream
+        .get_stream(broker.names.event_stream())
+        .await
+        .expect("stream")
+        .get_info()
+        .await
+        .expect("info");
+    assert_eq!(info.state.messages, 1);
+    broker.cleanup().await;
+}

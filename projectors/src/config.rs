@@ -1,0 +1,28 @@
+//! Configuration: environment variables with `--flag` mirrors, validated at start.
+
+use std::net::SocketAddr;
+
+use events::StreamNames;
+use service_kit::nats::NatsArgs;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "projectors",
+    about = "Projects school events into the read models"
+)]
+pub struct Config {
+    /// Address of the health endpoints.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    pub listen_addr: SocketAddr,
+    /// Postgres holding the students read model.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Prefix of every stream, subject and bucket name.
+    #[arg(long, env = "STREAM_PREFIX", default_value = "school")]
+    pub stream_prefix: StreamNames,
+    /// Most events applied in one transaction.
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..=5000))]
+    pub batch_size: u16,
+    #[command(flatten)]
+    pub nats: NatsArgs,
+}

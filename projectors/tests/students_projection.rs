@@ -1,0 +1,319 @@
+//! The students projection against real Postgres and NATS: exactly once in effect, ordered,
+//! resumable, and poison events dead-lettered.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use events::{AggregateKind, Enrollment, Event, EventMetadata, EventPayload, StudentDetails};
+use projectors::{PgStudents, ProjectionRunner};
+use test_support::{TestBroker, TestDatabase, eventually};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+fn event(student_id: Uuid, payload: EventPayload) -> Event {
+    Event {
+        metadata: EventMetadata {
+            event_id: Uuid::now_v7(),
+            aggregate_kind: AggregateKind::Student,
+            aggregate_id: student_id,
+            occurred_at: chrono::Utc::now(),
+            correlation_id: Uuid::now_v7(),
+            causation_id: Uuid::now_v7(),
+            trace: Default::default(),
+        },
+        payload,
+    }
+}
+
+fn registered(student_id: Uuid, name: &str) -> Event {
+    event(
+        student_id,
+        EventPayload::StudentRegistered(StudentDetails {
+            name: name.into(),
+            first_name: "First".into(),
+            last_name: "Last".into(),
+        }),
+    )
+}
+
+fn enrolled(student_id: Uuid, course_id: Uuid) -> Event {
+    event(
+        student_id,
+        EventPayload::StudentEnrolled(Enrollment {
+            student_id,
+            course_id,
+        }),
+    )
+}
+
+/// Everything in the read model, in a comparable form.
+async fn snapshot(store: &PgStudents) -> Vec<(Uuid, String, i64, Vec<Uuid>)> {
+    let students: Vec<(Uuid, String, i64)> =
+        sqlx::query_as("SELECT id, name, version FROM students ORDER BY id")
+            .fetch_all(store.pool())
+            .await
+            .expect("students");
+    let mut rows = Vec::new();
+    for (id, name, version) in students {
+        let courses: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT course_id FROM student_courses WHERE student_id = $1 ORDER BY course_id",
+        )
+        .bind(id)
+        .fetch_all(store.pool())
+        .await
+        .expect("courses");
+        rows.push((id, name, version, courses));
+    }
+    rows
+}
+
+#[tokio::test]
+async fn a_batch_delivered_twice_changes_nothing_the_second_time() {
+    let db = TestDatabase::create().await;
+    let store = PgStudents::with_pool(db.pool.clone())
+        .await
+        .expect("migrated");
+    let (ada, grace, course) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let batch = vec![
+        (1, registered(ada, "Ada L")),
+        (2, enrolled(ada, course)),
+        (3, registered(grace, "Grace H")),
+    ];
+    let first = store.apply_batch(&batch, 3).await.expect("first delivery");
+    assert_eq!((first.applied, first.skipped, first.checkpoint), (3, 0, 3));
+    let after_first = snapshot(&store).await;
+    assert_eq!(after_first.len(), 2);
+    assert_eq!(
+        after_first.iter().find(|s| s.0 == ada).expect("ada").3,
+        vec![course]
+    );
+
+    let second = store.apply_batch(&batch, 3).await.expect("redelivery");
+    assert_eq!(
+        (second.applied, second.skipped, second.checkpoint),
+        (0, 3, 3)
+    );
+    assert_eq!(snapshot(&store).await, after_first);
+
+    // A batch overlapping the checkpoint applies only the new part.
+    let overlap = vec![
+        (3, registered(grace, "Grace H")),
+        (4, enrolled(grace, course)),
+    ];
+    let third = store.apply_batch(&overlap, 4).await.expect("overlap");
+    assert_eq!((third.applied, third.skipped, third.checkpoint), (1, 1, 4));
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn every_student_event_type_lands_in_the_read_model() {
+    let db = TestDatabase::create().await;
+    let store = PgStudents::with_pool(db.pool.clone())
+        .await
+        .expect("migrated");
+    let (ada, gone, c1, c2) = (
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+    );
+    let updated = event(
+        ada,
+        EventPayload::StudentUpdated(StudentDetails {
+            name: "Ada King".into(),
+            first_name: "Augusta".into(),
+            last_name: "King".into(),
+        }),
+    );
+    let unenrolled = event(
+        ada,
+        EventPayload::StudentUnenrolled(Enrollment {
+            student_id: ada,
+            course_id: c1,
+        }),
+    );
+    let batch = vec![
+        (10, registered(ada, "Ada L")),
+        (11, enrolled(ada, c1)),
+        (12, enrolled(ada, c2)),
+        (13, updated),
+        (14, unenrolled),
+        (15, registered(gone, "Gone Soon")),
+        (16, enrolled(gone, c1)),
+        (17, event(gone, EventPayload::StudentDeleted)),
+    ];
+    store.apply_batch(&batch, 17).await.expect("applied");
+    assert_eq!(
+        snapshot(&store).await,
+        vec![(ada, "Ada King".to_owned(), 14, vec![c2])],
+        "deleted student and its enrollments are gone; versions follow the last event"
+    );
+    let orphans: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM student_courses WHERE student_id = $1")
+            .bind(gone)
+            .fetch_one(store.pool())
+            .await
+            .expect("count");
+    assert_eq!(orphans, 0);
+    db.cleanup().await;
+}
+
+async fn publish(broker: &TestBroker, student_id: Uuid, payload: Bytes) -> u64 {
+    broker
+        .jetstream
+        .publish(
+            broker
+                .names
+                .aggregate_subject(AggregateKind::Student, student_id),
+            payload,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("ack")
+        .sequence
+}
+
+struct RunningProjection {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+fn start_projection(broker: &TestBroker, store: &PgStudents) -> RunningProjection {
+    let runner = ProjectionRunner {
+        jetstream: broker.jetstream.clone(),
+        names: broker.names.clone(),
+        store: store.clone(),
+        batch_size: 100,
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(runner.run(async move {
+        let _ = stopped.await;
+    }));
+    RunningProjection { stop, task }
+}
+
+impl RunningProjection {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("stops promptly")
+            .expect("no panic")
+            .expect("clean exit");
+    }
+}
+
+async fn student_count(store: &PgStudents) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM students")
+        .fetch_one(store.pool())
+        .await
+        .expect("count")
+}
+
+#[tokio::test]
+async fn the_runner_projects_live_events_and_resumes_after_a_restart_without_doubling() {
+    let broker = TestBroker::start().await;
+    let db = TestDatabase::create().await;
+    let store = PgStudents::with_pool(db.pool.clone())
+        .await
+        .expect("migrated");
+    let course = Uuid::now_v7();
+    let mut last = 0;
+    for n in 0..3 {
+        let id = Uuid::now_v7();
+        publish(
+            &broker,
+            id,
+            events::encode(&registered(id, &format!("Student {n}"))).into(),
+        )
+        .await;
+        last = publish(&broker, id, events::encode(&enrolled(id, course)).into()).await;
+    }
+    let running = start_projection(&broker, &store);
+    eventually(10, "3 students projected", || async {
+        (store.checkpoint().await.ok()? == last).then_some(())
+    })
+    .await;
+    assert_eq!(student_count(&store).await, 3);
+    running.stop().await;
+
+    // While stopped, more events arrive; a new runner picks up exactly after the checkpoint.
+    for n in 3..5 {
+        let id = Uuid::now_v7();
+        publish(
+            &broker,
+            id,
+            events::encode(&registered(id, &format!("Student {n}"))).into(),
+        )
+        .await;
+        last = publish(&broker, id, events::encode(&enrolled(id, course)).into()).await;
+    }
+    let running = start_projection(&broker, &store);
+    eventually(10, "5 students projected", || async {
+        (store.checkpoint().await.ok()? == last).then_some(())
+    })
+    .await;
+    running.stop().await;
+    let rows = snapshot(&store).await;
+    assert_eq!(rows.len(), 5);
+    assert!(
+        rows.iter().all(|row| row.3 == vec![course]),
+        "one enrollment each: {rows:?}"
+    );
+    db.cleanup().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_garbage_message_is_dead_lettered_and_later_events_still_apply() {
+    let broker = TestBroker::start().await;
+    let db = TestDatabase::create().await;
+    let store = PgStudents::with_pool(db.pool.clone())
+        .await
+        .expect("migrated");
+    let poisoned = Uuid::now_v7();
+    let garbage_sequence =
+        publish(&broker, poisoned, Bytes::from_static(b"\xffnot protobuf")).await;
+    let ada = Uuid::now_v7();
+    let last = publish(
+        &broker,
+        ada,
+        events::encode(&registered(ada, "Ada L")).into(),
+    )
+    .await;
+
+    let running = start_projection(&broker, &store);
+    eventually(10, "the valid event projected", || async {
+        (store.checkpoint().await.ok()? == last).then_some(())
+    })
+    .await;
+    running.stop().await;
+    assert_eq!(student_count(&store).await, 1);
+
+    let dead_letters = broker
+        .jetstream
+        .get_stream(broker.names.dead_letter_stream())
+        .await
+        .expect("dead-letter stream");
+    assert_eq!(
+        dead_letters.get_info().await.expect("info").state.messages,
+        1
+    );
+    let letter = dead_letters.get_raw_message(1).await.expect("dead letter");
+    let headers = letter.headers;
+    assert_eq!(
+        headers
+            .get(projectors::dead_letters::ORIGINAL_SEQUENCE_HEADER)
+            .map(|v| v.as_str()),
+        Some(garbage_sequence.to_string().as_str())
+    );
+    let reason = headers
+        .get(projectors::dead_letters::REASON_HEADER)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    assert!(reason.starts_with("undecodable"), "{reason}");
+    assert_eq!(&letter.payload[..], b"\xffnot protobuf");
+    db.cleanup().await;
+    broker.cleanup().await;
+}

@@ -1,0 +1,14 @@
+//! Plumbing every service shares: API-key auth, RFC 9457 problem responses, JSON body
+//! extraction that never answers 5xx for bad input, health endpoints, structured logging,
+//! the NATS connection and graceful shutdown. No domain knowledge lives here.
+
+pub mod auth;
+pub mod health;
+pub mod json;
+pub mod logging;
+pub mod nats;
+pub mod problem;
+pub mod shutdown;
+
+pub use auth::{ApiKeys, Scope};
+pub use problem::{FieldError, Problem};

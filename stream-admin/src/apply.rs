@@ -1,0 +1,324 @@
+//! Makes the broker match a [`Topology`]: creates what is missing, updates what differs,
+//! and reports each object's outcome. Idempotent.
+
+use std::fmt;
+
+use anyhow::Context as _;
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind};
+use async_nats::jetstream::{self, consumer, kv, stream};
+
+use crate::topology::{ConsumerSpec, Topology};
+
+/// What happened (or, in a dry run, would happen) to one broker object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Created,
+    Updated(Vec<String>),
+    Unchanged,
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub object: String,
+    pub outcome: Outcome,
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.outcome {
+            Outcome::Created => write!(f, "{}: created", self.object),
+            Outcome::Unchanged => write!(f, "{}: unchanged", self.object),
+            Outcome::Updated(diffs) => write!(f, "{}: updated ({})", self.object, diffs.join(", ")),
+        }
+    }
+}
+
+/// Applies `topology`; with `dry_run` only reports what it would do.
+pub async fn apply(
+    jetstream: &jetstream::Context,
+    topology: &Topology,
+    dry_run: bool,
+) -> anyhow::Result<Vec<Change>> {
+    let mut changes = Vec::new();
+    for config in &topology.streams {
+        changes.push(apply_stream(jetstream, config, dry_run).await?);
+    }
+    for bucket in &topology.buckets {
+        changes.push(apply_bucket(jetstream, bucket, dry_run).await?);
+    }
+    for spec in &topology.consumers {
+        changes.push(apply_consumer(jetstream, spec, dry_run).await?);
+    }
+    Ok(changes)
+}
+
+async fn existing_stream(
+    jetstream: &jetstream::Context,
+    name: &str,
+) -> anyhow::Result<Option<stream::Config>> {
+    match jetstream.get_stream(name).await {
+        Ok(mut stream) => Ok(Some(stream.info().await?.config.clone())),
+        Err(error) => match error.kind() {
+            GetStreamErrorKind::JetStream(inner)
+                if inner.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Ok(None)
+            }
+            _ => Err(error).with_context(|| format!("reading stream {name}")),
+        },
+    }
+}
+
+async fn apply_stream(
+    jetstream: &jetstream::Context,
+    desired: &stream::Config,
+    dry_run: bool,
+) -> anyhow::Result<Change> {
+    let object = format!("stream {}", desired.name);
+    let outcome = match existing_stream(jetstream, &desired.name).await? {
+        None => {
+            if !dry_run {
+                jetstream
+                    .create_stream(desired.clone())
+                    .await
+                    .with_context(|| format!("creating {object}"))?;
+            }
+            Outcome::Created
+        }
+        Some(current) => {
+            let diffs = stream_diffs(&current, desired);
+            if diffs.is_empty() {
+                Outcome::Unchanged
+            } else {
+                if !dry_run {
+                    jetstream
+                        .update_stream(desired.clone())
+                        .await
+                        .with_context(|| format!("updating {object}"))?;
+                }
+                Outcome::Updated(diffs)
+            }
+        }
+    };
+    Ok(Change { object, outcome })
+}
+
+/// Differences in the fields the topology declares (the server fills in the rest).
+fn stream_diffs(current: &stream::Config, desired: &stream::Config) -> Vec<String> {
+    let mut diffs = Vec::new();
+    diff(&mut diffs, "subjects", &current.subjects, &desired.subjects);
+    diff(&mut diffs, "storage", &current.storage, &desired.storage);
+    diff(
+        &mut diffs,
+        "replicas",
+        &current.num_replicas,
+        &desired.num_replicas,
+    );
+    diff(
+        &mut diffs,
+        "retention",
+        &current.retention,
+        &desired.retention,
+    );
+    diff(&mut diffs, "discard", &current.discard, &desired.discard);
+    diff(
+        &mut diffs,
+        "duplicate_window",
+        &current.duplicate_window,
+        &desired.duplicate_window,
+    );
+    diff(&mut diffs, "max_age", &current.max_age, &desired.max_age);
+    diff(
+        &mut diffs,
+        "allow_atomic_publish",
+        &current.allow_atomic_publish,
+        &desired.allow_atomic_publish,
+    );
+    diff(
+        &mut diffs,
+        "allow_direct",
+        &current.allow_direct,
+        &desired.allow_direct,
+    );
+    diff(
+        &mut diffs,
+        "deny_delete",
+        &current.deny_delete,
+        &desired.deny_delete,
+    );
+    diff(
+        &mut diffs,
+        "deny_purge",
+        &current.deny_purge,
+        &desired.deny_purge,
+    );
+    diff(
+        &mut diffs,
+        "description",
+        &current.description,
+        &desired.description,
+    );
+    diffs
+}
+
+async fn apply_bucket(
+    jetstream: &jetstream::Context,
+    desired: &kv::Config,
+    dry_run: bool,
+) -> anyhow::Result<Change> {
+    let object = format!("kv bucket {}", desired.bucket);
+    // A bucket is a stream named KV_<bucket>; reading that stream shows its settings.
+    let backing = format!("KV_{}", desired.bucket);
+    let outcome = match existing_stream(jetstream, &backing).await? {
+        None => {
+            if !dry_run {
+                jetstream
+                    .create_key_value(desired.clone())
+                    .await
+                    .with_context(|| format!("creating {object}"))?;
+            }
+            Outcome::Created
+        }
+        Some(current) => {
+            let mut diffs = Vec::new();
+            diff(
+                &mut diffs,
+                "history",
+                &current.max_messages_per_subject,
+                &desired.history,
+            );
+            diff(&mut diffs, "max_age", &current.max_age, &desired.max_age);
+            diff(&mut diffs, "storage", &current.storage, &desired.storage);
+            diff(
+                &mut diffs,
+                "replicas",
+                &current.num_replicas,
+                &desired.num_replicas,
+            );
+            if diffs.is_empty() {
+                Outcome::Unchanged
+            } else {
+                if !dry_run {
+                    jetstream
+                        .update_key_value(desired.clone())
+                        .await
+                        .with_context(|| format!("updating {object}"))?;
+                }
+                Outcome::Updated(diffs)
+            }
+        }
+    };
+    Ok(Change { object, outcome })
+}
+
+async fn apply_consumer(
+    jetstream: &jetstream::Context,
+    spec: &ConsumerSpec,
+    dry_run: bool,
+) -> anyhow::Result<Change> {
+    let name = spec.config.durable_name.clone().unwrap_or_default();
+    let object = format!("consumer {}/{}", spec.stream, name);
+    let stream = jetstream.get_stream_no_info(&spec.stream).await?;
+    let current = match stream.consumer_info(&name).await {
+        Ok(info) => Some(info.config),
+        Err(error) => match error.kind() {
+            ConsumerInfoErrorKind::NotFound => None,
+            // In a dry run the stream itself may not exist yet.
+            ConsumerInfoErrorKind::StreamNotFound if dry_run => None,
+            _ => return Err(error).with_context(|| format!("reading {object}")),
+        },
+    };
+    let desired = &spec.config;
+    let outcome = match current {
+        None => {
+            if !dry_run {
+                stream
+                    .create_consumer(desired.clone())
+                    .await
+                    .with_context(|| format!("creating {object}"))?;
+            }
+            Outcome::Created
+        }
+        Some(current) => {
+            let mut diffs = Vec::new();
+            diff(
+                &mut diffs,
+                "filter_subject",
+                &current.filter_subject,
+                &desired.filter_subject,
+            );
+            diff(
+                &mut diffs,
+                "deliver_policy",
+                &current.deliver_policy,
+                &desired.deliver_policy,
+            );
+            diff(
+                &mut diffs,
+                "ack_policy",
+                &current.ack_policy,
+                &desired.ack_policy,
+            );
+            diff(&mut diffs, "ack_wait", &current.ack_wait, &desired.ack_wait);
+            diff(
+                &mut diffs,
+                "max_deliver",
+                &current.max_deliver,
+                &desired.max_deliver,
+            );
+            diff(
+                &mut diffs,
+                "max_ack_pending",
+                &current.max_ack_pending,
+                &desired.max_ack_pending,
+            );
+            diff(
+                &mut diffs,
+                "description",
+                &current.description,
+                &desired.description,
+            );
+            if diffs.is_empty() {
+                Outcome::Unchanged
+            } else {
+                if !dry_run {
+                    stream
+                        .update_consumer(desired.clone())
+                        .await
+                        .with_context(|| format!("updating {object}"))?;
+                }
+                Outcome::Updated(diffs)
+            }
+        }
+    };
+    Ok(Change { object, outcome })
+}
+
+fn diff<A, B>(diffs: &mut Vec<String>, field: &str, current: &A, desired: &B)
+where
+    A: fmt::Debug + PartialEq<B>,
+    B: fmt::Debug,
+{
+    if current != desired {
+        diffs.push(format!("{field}: {current:?} -> {desired:?}"));
+    }
+}
+
+/// A summary line such as `no changes` or `1 created, 2 unchanged`.
+pub fn summary(changes: &[Change], dry_run: bool) -> String {
+    let count = |pred: fn(&Outcome) -> bool| changes.iter().filter(|c| pred(&c.outcome)).count();
+    let created = count(|o| matches!(o, Outcome::Created));
+    let updated = count(|o| matches!(o, Outcome::Updated(_)));
+    let unchanged = count(|o| matches!(o, Outcome::Unchanged));
+    let verb = if dry_run { "would be " } else { "" };
+    if created + updated == 0 {
+        format!("no changes ({unchanged} objects up to date)")
+    } else {
+        format!("{created} {verb}created, {updated} {verb}updated, {unchanged} unchanged")
+    }
+}
+
+/// Re-exported so callers need not know async-nats' module layout.
+pub use consumer::pull::Config as PullConsumerConfig;

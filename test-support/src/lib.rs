@@ -1,0 +1,182 @@
+//! Helpers shared by the integration tests of every crate. Tests run against the real NATS
+//! and Postgres that `scripts/dev test` starts; each test gets its own stream names and its
+//! own database, so tests run in parallel on one server without seeing each other.
+
+use async_nats::jetstream;
+use events::StreamNames;
+use service_kit::ApiKeys;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use uuid::Uuid;
+
+/// Keys every in-process test server accepts.
+pub const WRITE_KEY: &str = "test-write-key";
+pub const READ_KEY: &str = "test-read-key";
+
+pub fn api_keys() -> ApiKeys {
+    format!("write:{WRITE_KEY},read:{READ_KEY}")
+        .parse()
+        .expect("test keys are valid")
+}
+
+/// NATS of the test stack (`scripts/dev services`), overridable with `NATS_URL`.
+pub fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:14222".into())
+}
+
+/// Postgres of the test stack, overridable with `DATABASE_URL`.
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:15432/school".into())
+}
+
+/// A short unique name fragment for one test.
+pub fn unique_suffix() -> String {
+    Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+/// A JetStream with this test's own streams, consumers and buckets already applied.
+pub struct TestBroker {
+    pub client: async_nats::Client,
+    pub jetstream: jetstream::Context,
+    pub names: StreamNames,
+}
+
+impl TestBroker {
+    pub async fn start() -> TestBroker {
+        let client = async_nats::connect(nats_url()).await.unwrap_or_else(|e| {
+            panic!(
+                "cannot reach NATS at {} ({e}); start the stack with `scripts/dev services`",
+                nats_url()
+            )
+        });
+        let jetstream = jetstream::new(client.clone());
+        let names = StreamNames::new(format!("t{}", unique_suffix()));
+        let topology = stream_admin::desired(&names, 1);
+        stream_admin::apply(&jetstream, &topology, false)
+            .await
+            .expect("applying the test topology");
+        TestBroker {
+            client,
+            jetstream,
+            names,
+        }
+    }
+
+    /// Deletes this test's streams (best effort: leftovers only cost disk).
+    pub async fn cleanup(self) {
+        for stream in [
+            self.names.event_stream(),
+            self.names.dead_letter_stream(),
+            format!("KV_{}", self.names.idempotency_bucket()),
+        ] {
+            let _ = self.jetstream.delete_stream(stream).await;
+        }
+    }
+}
+
+/// A new, empty database for one test, and its URL.
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDatabase {
+    pub async fn create() -> TestDatabase {
+        let admin_url = database_url();
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin_url)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("cannot reach Postgres at {admin_url} ({e}); start the stack with `scripts/dev services`")
+            });
+        let name = format!("test_{}", unique_suffix());
+        // The name is generated here from hex digits only.
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .expect("creating the test database");
+        admin.close().await;
+        let url = replace_database(&admin_url, &name);
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&url)
+            .await
+            .expect("connecting to the test database");
+        TestDatabase { name, url, pool }
+    }
+
+    /// Drops the database (best effort).
+    pub async fn cleanup(self) {
+        self.pool.close().await;
+        if let Ok(admin) = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&database_url())
+            .await
+        {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            )))
+            .execute(&admin)
+            .await;
+        }
+    }
+}
+
+/// `postgres://user@host:port/db?params` with `db` replaced.
+fn replace_database(url: &str, database: &str) -> String {
+    let (base, params) = match url.split_once('?') {
+        Some((base, params)) => (base, Some(params)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[scheme_end..].find('/').map(|i| i + scheme_end);
+    let host = path_start.map_or(base, |i| &base[..i]);
+    match params {
+        Some(params) => format!("{host}/{database}?{params}"),
+        None => format!("{host}/{database}"),
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics after `seconds`.
+pub async fn eventually<T, F, Fut>(seconds: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {seconds}s waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_database_name_is_replaced_and_parameters_kept() {
+        assert_eq!(
+            replace_database("postgres://postgres@127.0.0.1:15432/school", "t1"),
+            "postgres://postgres@127.0.0.1:15432/t1"
+        );
+        assert_eq!(
+            replace_database("postgres://u:p@h/school?sslmode=disable", "t1"),
+            "postgres://u:p@h/t1?sslmode=disable"
+        );
+        assert_eq!(
+            replace_database("postgres://h:1", "t1"),
+            "postgres://h:1/t1"
+        );
+    }
+}
