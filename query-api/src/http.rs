@@ -8,8 +8,7 @@ use axum::routing::get;
 use axum::{Json, Router, middleware};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use service_kit::auth::{ScopeGuard, require_scope};
 use service_kit::{ApiKeys, FieldError, Problem, Scope, health, problem};
 use uuid::Uuid;
@@ -73,9 +72,22 @@ async fn get_student(
         return Ok(with_etag(StatusCode::NOT_MODIFIED.into_response(), &etag));
     }
     Ok(with_etag(
-        Json(json!({ "data": student })).into_response(),
+        Json(Data { data: student }).into_response(),
         &etag,
     ))
+}
+
+/// The `{"data": ...}` envelope of the replaced system.
+#[derive(Serialize)]
+struct Data<T> {
+    data: T,
+}
+
+/// A page of a list: `data` stays an array, the next page is named beside it.
+#[derive(Serialize)]
+struct Page<T> {
+    data: Vec<T>,
+    next_cursor: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,7 +115,11 @@ async fn list_students(
     } else {
         None
     };
-    Ok(Json(json!({ "data": students, "next_cursor": next_cursor })).into_response())
+    Ok(Json(Page {
+        data: students,
+        next_cursor,
+    })
+    .into_response())
 }
 
 fn parse_limit(raw: Option<&str>) -> Result<u32, Problem> {
