@@ -1,61 +1,202 @@
-//! Appends events to the JetStream event stream with optimistic concurrency.
+//! The event stream as the command side sees it: read one aggregate's events from its
+//! subject, append events with optimistic concurrency, several aggregates atomically.
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::header::{
+    NATS_BATCH_COMMIT, NATS_BATCH_ID, NATS_BATCH_SEQUENCE, NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+    NATS_MESSAGE_ID,
+};
+use async_nats::jetstream::stream::DirectGetErrorKind;
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 use bytes::Bytes;
-use events::{Event, StreamNames};
+use events::{Event, EventPayload, StreamNames};
+use serde::Deserialize;
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use crate::domain::AggregateId;
 
 /// Header naming the event type, so tools can filter without decoding payloads.
 pub const EVENT_TYPE_HEADER: &str = "School-Event-Type";
+/// JetStream's error code for a failed expected-sequence check.
+const WRONG_LAST_SEQUENCE: u64 = 10071;
+/// JetStream's error code for an atomic batch holding an already stored `Nats-Msg-Id`.
+const BATCH_DUPLICATE_MESSAGE_ID: u64 = 10201;
+/// nats-server accepts at most 50 atomic batches in flight per stream; stay below it so
+/// a burst of multi-aggregate commands waits here instead of being refused.
+const MAX_BATCHES_IN_FLIGHT: usize = 32;
+/// How long to wait for the broker to confirm an append.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why an append did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum AppendError {
-    /// Another writer appended to the aggregate since it was read.
-    #[error("the aggregate changed since it was read (expected version {expected})")]
-    Conflict { expected: u64 },
-    /// The broker did not confirm the write; the event may or may not be stored, and a retry
-    /// with the same event id is deduplicated by the broker.
+    /// Another writer appended to one of the aggregates since it was read. Nothing of the
+    /// append was stored.
+    #[error("an aggregate changed since it was read")]
+    Conflict,
+    /// The broker did not confirm the write; it may or may not be stored. A retry with the
+    /// same event ids is recognised (see [`EventStore::append`]).
     #[error("the event store is unavailable: {0}")]
-    Unavailable(#[source] jetstream::context::PublishError),
+    Unavailable(String),
 }
 
-/// The write side of the event stream.
+/// Why an aggregate could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("the event store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("event {sequence} on {subject} cannot be decoded: {reason}")]
+    Undecodable {
+        subject: String,
+        sequence: u64,
+        reason: String,
+    },
+}
+
+/// The event stream's command-side port.
 #[derive(Clone)]
 pub struct EventStore {
+    client: async_nats::Client,
     jetstream: jetstream::Context,
     names: StreamNames,
+    batches: std::sync::Arc<Semaphore>,
+}
+
+/// What the broker answers to an atomic batch commit.
+#[derive(Debug, Deserialize)]
+struct BatchAck {
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default)]
+    count: Option<u64>,
+    #[serde(default)]
+    error: Option<BrokerError>,
+}
+
+#[derive(Debug, Deserialize)]
+struct BrokerError {
+    #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
+    description: String,
 }
 
 impl EventStore {
     pub fn new(jetstream: jetstream::Context, names: StreamNames) -> Self {
-        EventStore { jetstream, names }
+        EventStore {
+            client: jetstream.client(),
+            jetstream,
+            names,
+            batches: std::sync::Arc::new(Semaphore::new(MAX_BATCHES_IN_FLIGHT)),
+        }
     }
 
     pub fn names(&self) -> &StreamNames {
         &self.names
     }
 
-    /// Appends one event to its aggregate's subject if the subject's last sequence is still
-    /// `expected_version` (0: the aggregate has no event yet). Returns the event's stream
-    /// sequence, which is the aggregate's new version and the consistency token.
-    pub async fn append(&self, event: &Event, expected_version: u64) -> Result<u64, AppendError> {
-        let meta = &event.metadata;
-        let subject = self
-            .names
-            .aggregate_subject(meta.aggregate_kind, meta.aggregate_id);
-        let mut message = PublishMessage::build()
-            .payload(Bytes::from(events::encode(event)))
-            .message_id(meta.event_id.to_string())
-            .expected_last_subject_sequence(expected_version)
-            .header(EVENT_TYPE_HEADER, event.payload.event_type());
-        if !meta.trace.traceparent.is_empty() {
-            message = message.header("traceparent", meta.trace.traceparent.as_str());
+    fn subject(&self, aggregate: AggregateId) -> String {
+        self.names.aggregate_subject(aggregate.kind, aggregate.id)
+    }
+
+    /// The events of one aggregate after stream sequence `after`, in order, with their
+    /// sequences. Reads only that aggregate's subject (direct get, any replica).
+    pub async fn load(
+        &self,
+        aggregate: AggregateId,
+        after: u64,
+    ) -> Result<Vec<(u64, EventPayload)>, LoadError> {
+        let subject = self.subject(aggregate);
+        let stream = self
+            .jetstream
+            .get_stream_no_info(self.names.event_stream())
+            .await
+            .map_err(|e| LoadError::Unavailable(e.to_string()))?;
+        let mut events = Vec::new();
+        let mut next = after + 1;
+        loop {
+            match stream
+                .direct_get_next_for_subject(subject.as_str(), Some(next))
+                .await
+            {
+                Ok(message) => {
+                    let event =
+                        events::decode(&message.payload).map_err(|e| LoadError::Undecodable {
+                            subject: subject.clone(),
+                            sequence: message.sequence,
+                            reason: e.to_string(),
+                        })?;
+                    events.push((message.sequence, event.payload));
+                    next = message.sequence + 1;
+                }
+                Err(error) if error.kind() == DirectGetErrorKind::NotFound => return Ok(events),
+                Err(error) => return Err(LoadError::Unavailable(error.to_string())),
+            }
         }
+    }
+
+    /// Appends `events` (in order) if every aggregate they touch is still at the version in
+    /// `expected` (0: no event yet). Several events are one atomic batch: all are stored or
+    /// none. Returns the stream sequence of each event.
+    pub async fn append(
+        &self,
+        events: &[Event],
+        expected: &BTreeMap<AggregateId, u64>,
+    ) -> Result<Vec<u64>, AppendError> {
+        match events {
+            [] => Ok(Vec::new()),
+            [event] => self.append_one(event, expected).await.map(|seq| vec![seq]),
+            _ => self.append_batch(events, expected).await,
+        }
+    }
+
+    /// Headers of one event: dedup id, type, trace context, and the expected version on the
+    /// first event of each aggregate (the broker checks it against the stream before the
+    /// batch, so later events of the same aggregate must not repeat it).
+    fn headers(event: &Event, expected_version: Option<u64>) -> HeaderMap {
+        let meta = &event.metadata;
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_MESSAGE_ID, meta.event_id.to_string().as_str());
+        headers.insert(EVENT_TYPE_HEADER, event.payload.event_type());
+        if let Some(version) = expected_version {
+            headers.insert(
+                NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                version.to_string().as_str(),
+            );
+        }
+        if !meta.trace.traceparent.is_empty() {
+            headers.insert("traceparent", meta.trace.traceparent.as_str());
+        }
+        headers
+    }
+
+    fn aggregate_of(event: &Event) -> AggregateId {
+        AggregateId {
+            kind: event.metadata.aggregate_kind,
+            id: event.metadata.aggregate_id,
+        }
+    }
+
+    async fn append_one(
+        &self,
+        event: &Event,
+        expected: &BTreeMap<AggregateId, u64>,
+    ) -> Result<u64, AppendError> {
+        let aggregate = Self::aggregate_of(event);
+        let subject = self.subject(aggregate);
+        let version = expected.get(&aggregate).copied().unwrap_or(0);
+        let message = PublishMessage::build()
+            .payload(Bytes::from(events::encode(event)))
+            .headers(Self::headers(event, Some(version)));
         let ack = self
             .jetstream
             .send_publish(subject.clone(), message)
             .await
-            .map_err(AppendError::Unavailable)?
+            .map_err(|e| AppendError::Unavailable(e.to_string()))?
             .await;
         match ack {
             Ok(ack) => Ok(ack.sequence),
@@ -63,33 +204,136 @@ impl EventStore {
                 // nats-server checks the expected sequence before the `Nats-Msg-Id` dedup, so
                 // a retry of an append whose ack was lost lands here: if the subject's last
                 // event is this very event, the append already happened.
-                match self.last_event_id_and_sequence(&subject).await {
-                    Some((last_id, sequence)) if last_id == meta.event_id.to_string() => {
-                        Ok(sequence)
-                    }
-                    _ => Err(AppendError::Conflict {
-                        expected: expected_version,
-                    }),
-                }
+                self.already_appended(&subject, event.metadata.event_id)
+                    .await
+                    .ok_or(AppendError::Conflict)
             }
-            Err(error) => Err(AppendError::Unavailable(error)),
+            Err(error) => Err(AppendError::Unavailable(error.to_string())),
         }
     }
 
-    /// The `Nats-Msg-Id` and stream sequence of the last message on `subject`.
-    async fn last_event_id_and_sequence(&self, subject: &str) -> Option<(String, u64)> {
+    async fn append_batch(
+        &self,
+        events: &[Event],
+        expected: &BTreeMap<AggregateId, u64>,
+    ) -> Result<Vec<u64>, AppendError> {
+        let _permit = self
+            .batches
+            .acquire()
+            .await
+            .map_err(|e| AppendError::Unavailable(e.to_string()))?;
+        let batch_id = Uuid::new_v4().simple().to_string();
+        let mut seen = std::collections::BTreeSet::new();
+        let last = events.len() - 1;
+        let mut commit_reply = None;
+        for (index, event) in events.iter().enumerate() {
+            let aggregate = Self::aggregate_of(event);
+            let first_of_aggregate = seen.insert(aggregate);
+            let version =
+                first_of_aggregate.then(|| expected.get(&aggregate).copied().unwrap_or(0));
+            let mut headers = Self::headers(event, version);
+            headers.insert(NATS_BATCH_ID, batch_id.as_str());
+            headers.insert(NATS_BATCH_SEQUENCE, (index + 1).to_string().as_str());
+            let subject = self.subject(aggregate);
+            let payload = Bytes::from(events::encode(event));
+            if index < last {
+                self.client
+                    .publish_with_headers(subject, headers, payload)
+                    .await
+                    .map_err(|e| AppendError::Unavailable(e.to_string()))?;
+            } else {
+                headers.insert(NATS_BATCH_COMMIT, "1");
+                let request = async_nats::Request::new()
+                    .headers(headers)
+                    .payload(payload)
+                    .timeout(Some(ACK_TIMEOUT));
+                commit_reply = Some(
+                    self.client
+                        .send_request(subject, request)
+                        .await
+                        .map_err(|e| AppendError::Unavailable(e.to_string()))?,
+                );
+            }
+        }
+        let reply = commit_reply.ok_or_else(|| AppendError::Unavailable("empty batch".into()))?;
+        let ack: BatchAck = serde_json::from_slice(&reply.payload)
+            .map_err(|e| AppendError::Unavailable(format!("unreadable batch ack: {e}")))?;
+        if let Some(error) = ack.error {
+            if error.err_code == WRONG_LAST_SEQUENCE || error.err_code == BATCH_DUPLICATE_MESSAGE_ID
+            {
+                // A lost race, or a retried batch whose first ack was lost (the broker refuses
+                // a batch repeating stored message ids instead of deduplicating it).
+                let first = Self::aggregate_of(&events[0]);
+                let after = expected.get(&first).copied().unwrap_or(0);
+                return match self.already_appended_batch(first, after, events).await {
+                    Some(sequences) => Ok(sequences),
+                    None => Err(AppendError::Conflict),
+                };
+            }
+            return Err(AppendError::Unavailable(format!(
+                "batch refused ({}): {}",
+                error.err_code, error.description
+            )));
+        }
+        let (Some(last_sequence), Some(count)) = (ack.seq, ack.count) else {
+            return Err(AppendError::Unavailable(
+                "batch ack without sequence".into(),
+            ));
+        };
+        if count != events.len() as u64 {
+            return Err(AppendError::Unavailable(format!(
+                "batch stored {count} of {} events",
+                events.len()
+            )));
+        }
+        // A committed batch occupies consecutive sequences ending at the acked one.
+        let first_sequence = last_sequence + 1 - count;
+        Ok((first_sequence..=last_sequence).collect())
+    }
+
+    /// The sequence of `event_id` if it is the last event on `subject`.
+    async fn already_appended(&self, subject: &str, event_id: Uuid) -> Option<u64> {
         let stream = self
             .jetstream
             .get_stream_no_info(self.names.event_stream())
             .await
             .ok()?;
         let last = stream.direct_get_last_for_subject(subject).await.ok()?;
-        let id = last
-            .headers
-            .get(async_nats::header::NATS_MESSAGE_ID)?
-            .as_str()
-            .to_owned();
-        Some((id, last.sequence))
+        let id = last.headers.get(NATS_MESSAGE_ID)?.as_str();
+        (id == event_id.to_string()).then_some(last.sequence)
+    }
+
+    /// The sequences of a batch already stored, recognised by its first event, which can only
+    /// be after the version the batch expected of its aggregate.
+    async fn already_appended_batch(
+        &self,
+        first: AggregateId,
+        after: u64,
+        events: &[Event],
+    ) -> Option<Vec<u64>> {
+        let subject = self.subject(first);
+        let stream = self
+            .jetstream
+            .get_stream_no_info(self.names.event_stream())
+            .await
+            .ok()?;
+        let first_id = events[0].metadata.event_id.to_string();
+        let mut next = after + 1;
+        loop {
+            let message = stream
+                .direct_get_next_for_subject(subject.as_str(), Some(next))
+                .await
+                .ok()?;
+            if message
+                .headers
+                .get(NATS_MESSAGE_ID)
+                .is_some_and(|id| id.as_str() == first_id)
+            {
+                let first = message.sequence;
+                return Some((first..first + events.len() as u64).collect());
+            }
+            next = message.sequence + 1;
+        }
     }
 
     /// Whether the event stream answers (for `/readyz`).

@@ -1,32 +1,40 @@
-//! The REST surface: routes, request/response shapes and the mapping of every failure to
-//! problem+json.
+//! The REST surface: routes, request bodies, responses, and the mapping of every failure to
+//! problem+json. Commands run in their own task, so a client that disconnects cannot cancel
+//! a command halfway.
 
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router, middleware};
-use chrono::Utc;
-use events::{AggregateKind, Event, EventMetadata, TraceContext};
-use serde::Deserialize;
+use axum::routing::{get, post, put};
+use axum::{Router, middleware};
+use events::TraceContext;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
-use service_kit::auth::{ScopeGuard, require_scope};
+use service_kit::auth::{API_KEY_HEADER, ScopeGuard, require_scope};
 use service_kit::json::JsonBody;
 use service_kit::{ApiKeys, FieldError, Problem, Scope, health, problem};
 use uuid::Uuid;
 
-use crate::domain::{self, DomainError, InvalidField, NewStudent, StudentCommand, StudentState};
-use crate::event_store::{AppendError, EventStore};
+use crate::commands::{Accepted, CommandContext, CommandError, CommandService};
+use crate::domain::{AggregateId, Command, CourseDraft, DomainError, InvalidField, StudentDraft};
+use crate::idempotency::{self, Begin, IDEMPOTENCY_KEY_HEADER, IdempotencyStore};
+use crate::outcome::Outcome;
 
 /// Header carrying the stream position a read may wait for.
 pub const CONSISTENCY_TOKEN_HEADER: &str = "x-consistency-token";
 /// Header a client may send to tie its requests together in logs and traces.
 pub const CORRELATION_ID_HEADER: &str = "x-correlation-id";
+/// Set on a response replayed for an `Idempotency-Key`.
+pub const IDEMPOTENT_REPLAY_HEADER: &str = "idempotent-replayed";
 
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct AppState {
-    pub store: EventStore,
+    pub commands: Arc<CommandService>,
+    pub idempotency: IdempotencyStore,
     pub nats: async_nats::Client,
 }
 
@@ -34,6 +42,19 @@ pub struct AppState {
 pub fn router(state: AppState, keys: ApiKeys, body_limit_bytes: usize) -> Router {
     let writes = Router::new()
         .route("/api/students", post(register_student))
+        .route(
+            "/api/students/{id}",
+            put(replace_student).delete(delete_student),
+        )
+        .route(
+            "/api/students/{id}/courses/{course_id}",
+            put(enroll).delete(unenroll),
+        )
+        .route("/api/courses", post(create_course))
+        .route(
+            "/api/courses/{id}",
+            put(replace_course).delete(delete_course),
+        )
         .route_layer(middleware::from_fn_with_state(
             ScopeGuard {
                 keys,
@@ -56,15 +77,18 @@ async fn readyz(State(state): State<AppState>) -> Response {
         async_nats::connection::State::Connected => Ok(()),
         other => Err(format!("nats connection is {other}")),
     };
-    let stream = state.store.check().await;
+    let stream = state.commands.aggregates().store().check().await;
     health::readiness(vec![("nats", nats), ("event_stream", stream)])
 }
 
-/// Body of `POST /api/students`. Fields are optional here so a missing one is a `422`
-/// naming it, not a deserialization `400`.
-#[derive(Debug, Deserialize)]
+// ---------------------------------------------------------------- request bodies
+
+/// Body of `POST` and `PUT /api/students`. Fields are optional here so a missing one is a
+/// `422` naming it, not a deserialization `400`. `PUT` replaces everything: an omitted
+/// `course_ids` means no courses.
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct RegisterStudentBody {
+pub struct StudentBody {
     name: Option<String>,
     first_name: Option<String>,
     last_name: Option<String>,
@@ -72,73 +96,394 @@ pub struct RegisterStudentBody {
     course_ids: Vec<String>,
 }
 
+impl StudentBody {
+    fn parse(&self) -> Result<StudentDraft, Outcome> {
+        StudentDraft::parse(
+            self.name.as_deref(),
+            self.first_name.as_deref(),
+            self.last_name.as_deref(),
+            &self.course_ids,
+        )
+        .map_err(invalid)
+    }
+}
+
+/// Body of `POST` and `PUT /api/courses`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CourseBody {
+    name: Option<String>,
+    description: Option<String>,
+    discipline: Option<String>,
+    teacher: Option<String>,
+    #[serde(default)]
+    student_ids: Vec<String>,
+}
+
+impl CourseBody {
+    fn parse(&self) -> Result<CourseDraft, Outcome> {
+        CourseDraft::parse(
+            self.name.as_deref(),
+            self.description.as_deref(),
+            self.discipline.as_deref(),
+            self.teacher.as_deref(),
+            &self.student_ids,
+        )
+        .map_err(invalid)
+    }
+}
+
+fn invalid(fields: Vec<InvalidField>) -> Outcome {
+    Problem::validation(
+        fields
+            .into_iter()
+            .map(|f| FieldError::new(f.field, f.reason))
+            .collect(),
+    )
+    .into()
+}
+
+/// A path id that is not a UUID names no resource.
+fn path_id(raw: &str, kind: &str) -> Result<Uuid, Outcome> {
+    Uuid::parse_str(raw).map_err(|_| Problem::not_found(format!("no {kind} with id {raw}")).into())
+}
+
+// ---------------------------------------------------------------- handlers
+
 async fn register_student(
     State(state): State<AppState>,
     headers: HeaderMap,
-    JsonBody(body): JsonBody<RegisterStudentBody>,
-) -> Result<Response, ApiError> {
-    let new_student = NewStudent::parse(
-        body.name.as_deref(),
-        body.first_name.as_deref(),
-        body.last_name.as_deref(),
-        &body.course_ids,
+    JsonBody(body): JsonBody<StudentBody>,
+) -> Response {
+    let fingerprint = fingerprint("POST /api/students", &body);
+    run(
+        state,
+        headers,
+        fingerprint,
+        move |state, context, _| async move {
+            let draft = body.parse()?;
+            let student_id = Uuid::now_v7();
+            let command = Command::RegisterStudent { student_id, draft };
+            let accepted = execute(&state, &command, &context, None).await?;
+            Ok(created("students", student_id, &accepted))
+        },
     )
-    .map_err(ApiError::Invalid)?;
-    if !new_student.course_ids.is_empty() {
-        // Enrollment spans two aggregates and needs the atomic multi-subject append of the
-        // command-side issue; until then, refuse rather than half-apply.
-        return Err(ApiError::Invalid(vec![InvalidField {
-            field: "course_ids".into(),
-            reason: "enrolling at registration is not supported yet; register without course_ids"
-                .into(),
-        }]));
-    }
-
-    let command_id = Uuid::now_v7();
-    let student_id = Uuid::now_v7();
-    let state_before = StudentState::Absent;
-    let payloads = domain::student::decide(&state_before, &StudentCommand::Register(new_student))
-        .map_err(ApiError::Rule)?;
-
-    let context = CommandContext::from_headers(&headers, command_id);
-    let mut position = 0;
-    for payload in payloads {
-        let event = context.event(AggregateKind::Student, student_id, payload);
-        position = state
-            .store
-            .append(&event, position)
-            .await
-            .map_err(ApiError::Append)?;
-    }
-
-    let mut response = (
-        StatusCode::CREATED,
-        Json(json!({ "data": { "id": student_id } })),
-    )
-        .into_response();
-    let headers = response.headers_mut();
-    if let Ok(location) = HeaderValue::from_str(&format!("/api/students/{student_id}")) {
-        headers.insert(header::LOCATION, location);
-    }
-    headers.insert(header::ETAG, etag(position));
-    headers.insert(CONSISTENCY_TOKEN_HEADER, HeaderValue::from(position));
-    Ok(response)
+    .await
 }
 
-/// The aggregate version as a strong entity tag.
-fn etag(version: u64) -> HeaderValue {
-    HeaderValue::from_str(&format!("\"{version}\"")).unwrap_or(HeaderValue::from_static("\"0\""))
+async fn replace_student(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<StudentBody>,
+) -> Response {
+    let fingerprint = fingerprint(&format!("PUT /api/students/{id}"), &body);
+    run(
+        state,
+        headers,
+        fingerprint,
+        move |state, context, if_match| async move {
+            let student_id = path_id(&id, "student")?;
+            let draft = body.parse()?;
+            let command = Command::ReplaceStudent { student_id, draft };
+            let accepted = execute(&state, &command, &context, if_match.as_deref()).await?;
+            let student = accepted.snapshot.student(student_id).active().map(|s| {
+                json!({
+                    "id": student_id,
+                    "name": s.details.name,
+                    "first_name": s.details.first_name,
+                    "last_name": s.details.last_name,
+                    "course_ids": s.course_ids,
+                })
+            });
+            Ok(with_positions(
+                Outcome::json(StatusCode::OK, &json!({ "data": student })),
+                &accepted,
+            ))
+        },
+    )
+    .await
 }
 
-/// Ids and trace context shared by every event one command produces.
-struct CommandContext {
-    command_id: Uuid,
-    correlation_id: Uuid,
-    trace: TraceContext,
+async fn delete_student(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let fingerprint = fingerprint(&format!("DELETE /api/students/{id}"), &());
+    run(
+        state,
+        headers,
+        fingerprint,
+        move |state, context, if_match| async move {
+            let student_id = path_id(&id, "student")?;
+            let command = Command::DeleteStudent { student_id };
+            let accepted = execute(&state, &command, &context, if_match.as_deref()).await?;
+            Ok(with_positions(
+                Outcome::empty(StatusCode::NO_CONTENT),
+                &accepted,
+            ))
+        },
+    )
+    .await
+}
+
+async fn enroll(
+    State(state): State<AppState>,
+    Path((id, course)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let fingerprint = fingerprint(&format!("PUT /api/students/{id}/courses/{course}"), &());
+    run(
+        state,
+        headers,
+        fingerprint,
+        move |state, context, if_match| async move {
+            let student_id = path_id(&id, "student")?;
+            let course_id = path_id(&course, "course")?;
+            let command = Command::Enroll {
+                student_id,
+                course_id,
+            };
+            let accepted = execute(&state, &command, &context, if_match.as_deref()).await?;
+            Ok(with_positions(
+                Outcome::empty(StatusCode::NO_CONTENT),
+                &accepted,
+            ))
+        },
+    )
+    .await
+}
+
+async fn unenroll(
+    State(state): State<AppState>,
+    Path((id, course)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let fingerprint = fingerprint(&format!("DELETE /api/students/{id}/courses/{course}"), &());
+    run(
+        state,
+        headers,
+        fingerprint,
+        move |state, context, if_match| async move {
+            let student_id = path_id(&id, "student")?;
+            let course_id = path_id(&course, "course")?;
+            let command = Command::Unenroll {
+                student_id,
+                course_id,
+            };
+            let accepted = execute(&state, &command, &context, if_match.as_deref()).await?;
+            Ok(with_positions(
+                Outcome::empty(StatusCode::NO_CONTENT),
+                &accepted,
+            ))
+        },
+    )
+    .await
+}
+
+async fn create_course(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<CourseBody>,
+) -> Response {
+    let fingerprint = fingerprint("POST /api/courses", &body);
+    run(
+        state,
+        headers,
+        fingerprint,
+        move |state, context, _| async move {
+            let draft = body.parse()?;
+            let course_id = Uuid::now_v7();
+            let command = Command::CreateCourse { course_id, draft };
+            let accepted = execute(&state, &command, &context, None).await?;
+            Ok(created("courses", course_id, &accepted))
+        },
+    )
+    .await
+}
+
+async fn replace_course(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<CourseBody>,
+) -> Response {
+    let fingerprint = fingerprint(&format!("PUT /api/courses/{id}"), &body);
+    run(
+        state,
+        headers,
+        fingerprint,
+        move |state, context, if_match| async move {
+            let course_id = path_id(&id, "course")?;
+            let draft = body.parse()?;
+            let command = Command::ReplaceCourse { course_id, draft };
+            let accepted = execute(&state, &command, &context, if_match.as_deref()).await?;
+            let course = accepted.snapshot.course(course_id).active().map(|c| {
+                json!({
+                    "id": course_id,
+                    "name": c.details.name,
+                    "description": c.details.description,
+                    "discipline": c.details.discipline,
+                    "teacher": c.details.teacher,
+                    "student_ids": c.student_ids,
+                })
+            });
+            Ok(with_positions(
+                Outcome::json(StatusCode::OK, &json!({ "data": course })),
+                &accepted,
+            ))
+        },
+    )
+    .await
+}
+
+async fn delete_course(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let fingerprint = fingerprint(&format!("DELETE /api/courses/{id}"), &());
+    run(
+        state,
+        headers,
+        fingerprint,
+        move |state, context, if_match| async move {
+            let course_id = path_id(&id, "course")?;
+            let command = Command::DeleteCourse { course_id };
+            let accepted = execute(&state, &command, &context, if_match.as_deref()).await?;
+            Ok(with_positions(
+                Outcome::empty(StatusCode::NO_CONTENT),
+                &accepted,
+            ))
+        },
+    )
+    .await
+}
+
+// ---------------------------------------------------------------- the common path
+
+/// Runs a command body in its own task, under the request's `Idempotency-Key` if any.
+async fn run<F, Fut>(state: AppState, headers: HeaderMap, fingerprint: String, body: F) -> Response
+where
+    F: FnOnce(AppState, CommandContext, Option<Vec<u64>>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Outcome, Outcome>> + Send,
+{
+    let if_match = match parse_if_match(&headers) {
+        Ok(if_match) => if_match,
+        Err(problem) => return problem.into_response(),
+    };
+    let context = CommandContext::from_headers(&headers);
+    let task = tokio::spawn(async move {
+        let claim = match headers.get(IDEMPOTENCY_KEY_HEADER) {
+            None => None,
+            Some(raw) => {
+                let key = idempotency::parse_key(raw.as_bytes()).map_err(Outcome::from)?;
+                let client = headers
+                    .get(API_KEY_HEADER)
+                    .map(|v| v.as_bytes())
+                    .unwrap_or_default();
+                match state.idempotency.begin(client, key, fingerprint).await {
+                    Ok(Begin::Replay(outcome)) => {
+                        return Ok(outcome.with_header(IDEMPOTENT_REPLAY_HEADER, "true"));
+                    }
+                    Ok(Begin::Claimed(claim)) => Some(claim),
+                    Err(problem) => return Err(problem.into()),
+                }
+            }
+        };
+        let idempotency = state.idempotency.clone();
+        let outcome = match body(state, context, if_match).await {
+            Ok(outcome) | Err(outcome) => outcome,
+        };
+        if let Some(claim) = claim {
+            idempotency.finish(claim, &outcome).await;
+        }
+        Ok::<Outcome, Outcome>(outcome)
+    });
+    match task.await {
+        Ok(Ok(outcome) | Err(outcome)) => outcome.into_response(),
+        Err(error) => {
+            tracing::error!(%error, "command task failed");
+            Problem::internal().into_response()
+        }
+    }
+}
+
+async fn execute(
+    state: &AppState,
+    command: &Command,
+    context: &CommandContext,
+    if_match: Option<&[u64]>,
+) -> Result<Accepted, Outcome> {
+    state
+        .commands
+        .execute(command, context, if_match)
+        .await
+        .map_err(|error| command_error(error).into())
+}
+
+/// `201` with the new resource's id and location.
+fn created(collection: &str, id: Uuid, accepted: &Accepted) -> Outcome {
+    with_positions(
+        Outcome::json(StatusCode::CREATED, &json!({ "data": { "id": id } })),
+        accepted,
+    )
+    .with_header(header::LOCATION.as_str(), format!("/api/{collection}/{id}"))
+}
+
+/// The aggregate version as `ETag` and the stream position as consistency token.
+fn with_positions(outcome: Outcome, accepted: &Accepted) -> Outcome {
+    outcome
+        .with_header(header::ETAG.as_str(), etag(accepted.target_version))
+        .with_header(CONSISTENCY_TOKEN_HEADER, accepted.position.to_string())
+}
+
+fn etag(version: u64) -> String {
+    format!("\"{version}\"")
+}
+
+/// A stable digest of what a request asks for, to tell a retry from a different request
+/// that reuses an `Idempotency-Key`.
+fn fingerprint(route: &str, body: &impl Serialize) -> String {
+    let body = serde_json::to_string(body).unwrap_or_default();
+    format!(
+        "{:016x}",
+        idempotency::fnv1a(format!("{route}\n{body}").as_bytes())
+    )
+}
+
+/// `If-Match: "12"` (or a list of such) → the versions the client accepts; `*` → any.
+/// An entity tag that is not one of ours can never match: `412`.
+fn parse_if_match(headers: &HeaderMap) -> Result<Option<Vec<u64>>, Problem> {
+    let mut values = headers.get_all(header::IF_MATCH).iter().peekable();
+    if values.peek().is_none() {
+        return Ok(None);
+    }
+    let mut versions = Vec::new();
+    for value in values {
+        let text = value
+            .to_str()
+            .map_err(|_| Problem::bad_request("`If-Match` is not ASCII"))?;
+        for tag in text.split(',').map(str::trim) {
+            if tag == "*" {
+                return Ok(None);
+            }
+            if let Some(version) = tag
+                .strip_prefix('"')
+                .and_then(|t| t.strip_suffix('"'))
+                .and_then(|t| t.parse::<u64>().ok())
+            {
+                versions.push(version);
+            }
+        }
+    }
+    Ok(Some(versions))
 }
 
 impl CommandContext {
-    fn from_headers(headers: &HeaderMap, command_id: Uuid) -> Self {
+    fn from_headers(headers: &HeaderMap) -> Self {
+        let command_id = Uuid::now_v7();
         let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let correlation_id = text(CORRELATION_ID_HEADER)
             .and_then(|v| Uuid::parse_str(v).ok())
@@ -166,26 +511,6 @@ impl CommandContext {
             },
         }
     }
-
-    fn event(
-        &self,
-        kind: AggregateKind,
-        aggregate_id: Uuid,
-        payload: events::EventPayload,
-    ) -> Event {
-        Event {
-            metadata: EventMetadata {
-                event_id: Uuid::now_v7(),
-                aggregate_kind: kind,
-                aggregate_id,
-                occurred_at: Utc::now(),
-                correlation_id: self.correlation_id,
-                causation_id: self.command_id,
-                trace: self.trace.clone(),
-            },
-            payload,
-        }
-    }
 }
 
 /// `00-<32 hex>-<16 hex>-<2 hex>` (W3C trace context, version 00).
@@ -199,46 +524,75 @@ fn is_traceparent(value: &str) -> bool {
         && hex(parts[3], 2)
 }
 
-/// Every way a command can fail, mapped to problem+json in one place.
-#[derive(Debug)]
-pub enum ApiError {
-    Invalid(Vec<InvalidField>),
-    Rule(DomainError),
-    Append(AppendError),
+fn aggregate_name(aggregate: AggregateId) -> String {
+    format!("{} {}", aggregate.kind.as_str(), aggregate.id)
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let problem = match self {
-            ApiError::Invalid(fields) => Problem::validation(
-                fields
-                    .into_iter()
-                    .map(|f| FieldError::new(f.field, f.reason))
-                    .collect(),
-            ),
-            ApiError::Rule(rule @ DomainError::StudentAlreadyExists) => Problem::new(
-                StatusCode::CONFLICT,
-                "student-exists",
-                "Student already exists",
-            )
-            .with_detail(rule.to_string()),
-            ApiError::Append(AppendError::Conflict { .. }) => Problem::new(
-                StatusCode::CONFLICT,
-                "concurrent-modification",
-                "The aggregate was changed concurrently",
-            )
-            .with_detail("retry the command"),
-            ApiError::Append(AppendError::Unavailable(error)) => {
-                tracing::error!(%error, "append failed");
-                Problem::unavailable("the event store did not confirm the write; retry")
+/// Every command failure as a problem, in one place.
+fn command_error(error: CommandError) -> Problem {
+    match error {
+        CommandError::Rule(rule) => {
+            let detail = rule.to_string();
+            match rule {
+                DomainError::NotFound(aggregate) => {
+                    Problem::not_found(format!("{} does not exist", aggregate_name(aggregate)))
+                }
+                DomainError::AlreadyExists(_) => {
+                    Problem::new(StatusCode::CONFLICT, "already-exists", "Already exists")
+                        .with_detail(detail)
+                }
+                DomainError::UnknownReference { field, .. } => {
+                    Problem::validation(vec![FieldError::new(field, detail)])
+                }
+                DomainError::StudentCourseLimit { .. } => Problem::new(
+                    StatusCode::CONFLICT,
+                    "student-course-limit",
+                    "A student is enrolled in at most 15 courses",
+                )
+                .with_detail(detail),
+                DomainError::CourseFull { .. } => Problem::new(
+                    StatusCode::CONFLICT,
+                    "course-full",
+                    "A course has at most 60 students",
+                )
+                .with_detail(detail),
+                DomainError::NotEnrolled { .. } => {
+                    Problem::new(StatusCode::NOT_FOUND, "not-enrolled", "Not enrolled")
+                        .with_detail(detail)
+                }
             }
-        };
-        problem.into_response()
+        }
+        CommandError::PreconditionFailed { current, .. } => Problem::new(
+            StatusCode::PRECONDITION_FAILED,
+            "precondition-failed",
+            "The resource changed",
+        )
+        .with_detail(format!(
+            "If-Match does not match the current version {}",
+            etag(current)
+        )),
+        CommandError::Contention => Problem::new(
+            StatusCode::CONFLICT,
+            "concurrent-modification",
+            "Too many concurrent changes",
+        )
+        .with_detail("other commands kept changing the same records; retry")
+        .with_retry_after(1),
+        CommandError::Load(crate::event_store::LoadError::Undecodable { .. }) => {
+            tracing::error!(%error, "stored event cannot be decoded");
+            Problem::internal()
+        }
+        CommandError::Load(_) | CommandError::Unavailable(_) => {
+            tracing::error!(%error, "command failed on the event store");
+            Problem::unavailable("the event store did not answer; retry")
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use axum::http::HeaderValue;
+
     use super::*;
 
     #[test]
@@ -253,5 +607,20 @@ mod tests {
             "zz-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
         ));
         assert!(!is_traceparent(""));
+    }
+
+    #[test]
+    fn if_match_parses_lists_and_star_and_never_matches_foreign_tags() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(parse_if_match(&headers).expect("absent"), None);
+        headers.insert(header::IF_MATCH, HeaderValue::from_static("\"3\", \"7\""));
+        assert_eq!(parse_if_match(&headers).expect("list"), Some(vec![3, 7]));
+        headers.insert(header::IF_MATCH, HeaderValue::from_static("*"));
+        assert_eq!(parse_if_match(&headers).expect("star"), None);
+        headers.insert(
+            header::IF_MATCH,
+            HeaderValue::from_static("W/\"3\", \"abc\""),
+        );
+        assert_eq!(parse_if_match(&headers).expect("foreign"), Some(vec![]));
     }
 }

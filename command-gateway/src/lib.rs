@@ -1,24 +1,53 @@
 //! command-gateway: accepts commands over REST, decides them against the current aggregate
 //! state and appends the resulting events to JetStream. It never writes a read model.
 
+pub mod aggregates;
+pub mod commands;
 pub mod config;
 pub mod domain;
 pub mod event_store;
 pub mod http;
+pub mod idempotency;
+pub mod outcome;
 
 use std::future::Future;
+use std::sync::Arc;
 
 use anyhow::Context;
+use events::StreamNames;
 use tokio::net::TcpListener;
 
 pub use config::Config;
 
+/// The handlers' state on top of a JetStream connection; fails if the topology is missing.
+pub async fn app_state(
+    nats: async_nats::Client,
+    names: StreamNames,
+) -> anyhow::Result<http::AppState> {
+    let jetstream = async_nats::jetstream::new(nats.clone());
+    let bucket = jetstream
+        .get_key_value(names.idempotency_bucket())
+        .await
+        .with_context(|| {
+            format!(
+                "opening KV bucket {} (run `stream-admin apply`)",
+                names.idempotency_bucket()
+            )
+        })?;
+    let store = event_store::EventStore::new(jetstream, names);
+    Ok(http::AppState {
+        commands: Arc::new(commands::CommandService::new(aggregates::Aggregates::new(
+            store,
+        ))),
+        idempotency: idempotency::IdempotencyStore::new(bucket),
+        nats,
+    })
+}
+
 /// Connects to NATS and builds the router from configuration.
 pub async fn build(config: &Config) -> anyhow::Result<axum::Router> {
     let nats = config.nats.connect("command-gateway").await?;
-    let jetstream = async_nats::jetstream::new(nats.clone());
-    let store = event_store::EventStore::new(jetstream, config.stream_prefix.clone());
-    let state = http::AppState { store, nats };
+    let state = app_state(nats, config.stream_prefix.clone()).await?;
     Ok(http::router(
         state,
         config.api_keys.clone(),

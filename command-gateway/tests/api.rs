@@ -1,7 +1,6 @@
 //! The command gateway over real HTTP against a real JetStream (one stream set per test).
 
-use command_gateway::event_store::{AppendError, EventStore};
-use command_gateway::http::{AppState, router};
+use command_gateway::http::router;
 use events::{AggregateKind, EventPayload, StudentDetails};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -19,11 +18,9 @@ const BODY_LIMIT: usize = 64 * 1024;
 impl TestGateway {
     async fn spawn() -> TestGateway {
         let broker = TestBroker::start().await;
-        let store = EventStore::new(broker.jetstream.clone(), broker.names.clone());
-        let state = AppState {
-            store,
-            nats: broker.client.clone(),
-        };
+        let state = command_gateway::app_state(broker.client.clone(), broker.names.clone())
+            .await
+            .expect("state");
         let app = router(state, test_support::api_keys(), BODY_LIMIT);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -247,65 +244,4 @@ async fn unknown_routes_and_methods_are_problems_and_health_is_open() {
         assert_eq!(response.status(), StatusCode::OK, "{path}");
     }
     gateway.broker.cleanup().await;
-}
-
-fn registered(id: Uuid) -> events::Event {
-    events::Event {
-        metadata: events::EventMetadata {
-            event_id: Uuid::now_v7(),
-            aggregate_kind: AggregateKind::Student,
-            aggregate_id: id,
-            occurred_at: chrono::Utc::now(),
-            correlation_id: Uuid::now_v7(),
-            causation_id: Uuid::now_v7(),
-            trace: Default::default(),
-        },
-        payload: EventPayload::StudentRegistered(StudentDetails {
-            name: "Grace H".into(),
-            first_name: "Grace".into(),
-            last_name: "Hopper".into(),
-        }),
-    }
-}
-
-#[tokio::test]
-async fn a_second_writer_expecting_the_same_version_loses() {
-    let broker = TestBroker::start().await;
-    let store = EventStore::new(broker.jetstream.clone(), broker.names.clone());
-    let id = Uuid::now_v7();
-    store
-        .append(&registered(id), 0)
-        .await
-        .expect("first writer wins");
-    let second = store.append(&registered(id), 0).await;
-    assert!(
-        matches!(second, Err(AppendError::Conflict { expected: 0 })),
-        "{second:?}"
-    );
-    broker.cleanup().await;
-}
-
-#[tokio::test]
-async fn a_retried_append_of_the_same_event_is_stored_once() {
-    let broker = TestBroker::start().await;
-    let store = EventStore::new(broker.jetstream.clone(), broker.names.clone());
-    let event = registered(Uuid::now_v7());
-    let first = store.append(&event, 0).await.expect("stored");
-    // Same event id (a retry after a lost ack): the store recognises its own event on the
-    // subject and answers with the original position instead of a conflict.
-    let retry = store
-        .append(&event, 0)
-        .await
-        .expect("deduplicated, not a conflict");
-    assert_eq!(first, retry);
-    let info = broker
-        .jetstream
-        .get_stream(broker.names.event_stream())
-        .await
-        .expect("stream")
-        .get_info()
-        .await
-        .expect("info");
-    assert_eq!(info.state.messages, 1);
-    broker.cleanup().await;
 }

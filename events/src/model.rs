@@ -5,7 +5,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 /// The two kinds of aggregate; each has its own subject per instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AggregateKind {
     Student,

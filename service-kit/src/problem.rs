@@ -116,8 +116,9 @@ impl Problem {
     }
 }
 
-impl IntoResponse for Problem {
-    fn into_response(self) -> Response {
+impl Problem {
+    /// The `application/problem+json` body.
+    pub fn body_json(&self) -> String {
         let body = ProblemBody {
             kind: format!("{PROBLEM_TYPE_PREFIX}{}", self.kind),
             title: self.title,
@@ -126,12 +127,20 @@ impl IntoResponse for Problem {
             errors: &self.errors,
         };
         // Serializing this struct of strings cannot fail; fall back to an empty object anyway.
-        let json = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
-        let mut response = (self.status, json).into_response();
+        serde_json::to_string(&body).unwrap_or_else(|_| "{}".to_owned())
+    }
+}
+
+/// Content type of every problem body.
+pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, self.body_json()).into_response();
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
+            HeaderValue::from_static(PROBLEM_CONTENT_TYPE),
         );
         if let Some(seconds) = self.retry_after_seconds {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));

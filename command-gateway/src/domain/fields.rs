@@ -7,8 +7,12 @@ use uuid::Uuid;
 /// Bounds of every short text field of SPEC §2, counted in Unicode scalar values.
 pub const SHORT_TEXT_MIN: usize = 3;
 pub const SHORT_TEXT_MAX: usize = 20;
+/// Bound of a course description.
+pub const DESCRIPTION_MAX: usize = 200;
 /// A student is enrolled in at most this many courses.
 pub const MAX_COURSES_PER_STUDENT: usize = 15;
+/// A course has at most this many students.
+pub const MAX_STUDENTS_PER_COURSE: usize = 60;
 
 /// One rejected input field, named as the client sent it (`course_ids[2]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,14 +30,20 @@ impl InvalidField {
     }
 }
 
-/// A trimmed name of 3..=20 characters without control characters.
+/// A trimmed text of `SHORT_TEXT_MIN..=max` characters without control characters.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PersonName(String);
+pub struct BoundedText(String);
 
-impl PersonName {
-    /// Parses the raw value of `field`; `None` means the client left the field out.
+impl BoundedText {
+    /// Parses the raw value of `field` (3..=20 characters); `None` means the client left
+    /// the field out.
     pub fn parse(field: &str, raw: Option<&str>) -> Result<Self, InvalidField> {
-        parse_text(field, raw, SHORT_TEXT_MIN, SHORT_TEXT_MAX).map(PersonName)
+        Self::parse_up_to(field, raw, SHORT_TEXT_MAX)
+    }
+
+    /// Like [`BoundedText::parse`] with another upper bound.
+    pub fn parse_up_to(field: &str, raw: Option<&str>, max: usize) -> Result<Self, InvalidField> {
+        parse_text(field, raw, SHORT_TEXT_MIN, max).map(BoundedText)
     }
 
     pub fn as_str(&self) -> &str {
@@ -119,8 +129,16 @@ pub fn parse_id_set(
 mod tests {
     use super::*;
 
-    fn name(raw: &str) -> Result<PersonName, InvalidField> {
-        PersonName::parse("name", Some(raw))
+    #[test]
+    fn descriptions_may_have_up_to_200_characters() {
+        let ok = "d".repeat(DESCRIPTION_MAX);
+        assert!(BoundedText::parse_up_to("description", Some(&ok), DESCRIPTION_MAX).is_ok());
+        let long = "d".repeat(DESCRIPTION_MAX + 1);
+        assert!(BoundedText::parse_up_to("description", Some(&long), DESCRIPTION_MAX).is_err());
+    }
+
+    fn name(raw: &str) -> Result<BoundedText, InvalidField> {
+        BoundedText::parse("name", Some(raw))
     }
 
     #[test]
@@ -173,7 +191,7 @@ mod tests {
         assert_eq!(name("    ").expect_err("blank").reason, "must not be blank");
         assert_eq!(name("").expect_err("empty").reason, "must not be blank");
         assert_eq!(
-            PersonName::parse("first_name", None).expect_err("missing"),
+            BoundedText::parse("first_name", None).expect_err("missing"),
             InvalidField::new("first_name", "is required")
         );
         assert!(name("Ada\u{0}Lovelace").is_err());

@@ -1,0 +1,164 @@
+//! Runs one command: load what it reads, decide, append with the versions it read, and on a
+//! lost race reload and decide again, a bounded number of times.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use events::{Event, EventMetadata, TraceContext};
+use uuid::Uuid;
+
+use crate::aggregates::Aggregates;
+use crate::domain::{Command, DomainError, Snapshot, decide};
+use crate::event_store::{AppendError, LoadError};
+
+/// Decisions tried before a command is answered with a conflict.
+pub const MAX_ATTEMPTS: u32 = 8;
+
+/// Who asked, for the envelope of every event the command produces.
+#[derive(Debug, Clone)]
+pub struct CommandContext {
+    pub command_id: Uuid,
+    pub correlation_id: Uuid,
+    pub trace: TraceContext,
+}
+
+/// A command that took effect (or asked for what already was).
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// Version of the addressed aggregate after the command (its ETag).
+    pub target_version: u64,
+    /// Stream position the query side must reach to show the effect.
+    pub position: u64,
+    /// States after the command.
+    pub snapshot: Snapshot,
+    /// Events appended (0 when the command changed nothing).
+    pub appended: usize,
+    /// Decisions made (1 unless races were lost).
+    pub attempts: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Rule(#[from] DomainError),
+    #[error("the aggregate is at version {current}, not one If-Match names")]
+    PreconditionFailed { current: u64 },
+    #[error("lost the race {MAX_ATTEMPTS} times")]
+    Contention,
+    #[error("reading the aggregates failed: {0}")]
+    Load(#[from] LoadError),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Executes commands against the event stream.
+pub struct CommandService {
+    aggregates: Aggregates,
+}
+
+impl CommandService {
+    pub fn new(aggregates: Aggregates) -> Self {
+        CommandService { aggregates }
+    }
+
+    pub fn aggregates(&self) -> &Aggregates {
+        &self.aggregates
+    }
+
+    /// Executes `command`. `if_match` holds the versions of the addressed aggregate the
+    /// client accepts (`If-Match`), checked against the version the decision reads.
+    pub async fn execute(
+        &self,
+        command: &Command,
+        context: &CommandContext,
+        if_match: Option<&[u64]>,
+    ) -> Result<Accepted, CommandError> {
+        let target = command.target();
+        for attempt in 1..=MAX_ATTEMPTS {
+            let refresh = attempt > 1;
+            let mut snapshot = Snapshot::default();
+            let mut versions = BTreeMap::new();
+            if is_creation(command) {
+                // The gateway minted this id a moment ago: nothing can be on its subject.
+                versions.insert(target, 0);
+            } else {
+                self.aggregates
+                    .load(&[target], refresh, &mut snapshot, &mut versions)
+                    .await?;
+            }
+            let target_version = versions.get(&target).copied().unwrap_or(0);
+            // Preconditions come before the rules; a missing aggregate is a 404 from decide.
+            if let Some(expected) = if_match
+                && target_version != 0
+                && !expected.contains(&target_version)
+            {
+                return Err(CommandError::PreconditionFailed {
+                    current: target_version,
+                });
+            }
+            let related = command.related(&snapshot);
+            self.aggregates
+                .load(&related, refresh, &mut snapshot, &mut versions)
+                .await?;
+            let changes = decide(command, &snapshot)?;
+            if changes.is_empty() {
+                return Ok(Accepted {
+                    target_version,
+                    position: target_version,
+                    snapshot,
+                    appended: 0,
+                    attempts: attempt,
+                });
+            }
+            let events: Vec<Event> = changes
+                .iter()
+                .map(|change| Event {
+                    metadata: EventMetadata {
+                        event_id: Uuid::now_v7(),
+                        aggregate_kind: change.aggregate.kind,
+                        aggregate_id: change.aggregate.id,
+                        occurred_at: Utc::now(),
+                        correlation_id: context.correlation_id,
+                        causation_id: context.command_id,
+                        trace: context.trace.clone(),
+                    },
+                    payload: change.payload.clone(),
+                })
+                .collect();
+            match self.aggregates.store().append(&events, &versions).await {
+                Ok(sequences) => {
+                    snapshot.apply(&changes);
+                    for (change, sequence) in changes.iter().zip(&sequences) {
+                        versions.insert(change.aggregate, *sequence);
+                    }
+                    self.aggregates.remember_all(&snapshot, &versions);
+                    return Ok(Accepted {
+                        target_version: versions.get(&target).copied().unwrap_or(0),
+                        position: sequences.last().copied().unwrap_or(0),
+                        snapshot,
+                        appended: events.len(),
+                        attempts: attempt,
+                    });
+                }
+                Err(AppendError::Conflict) => {
+                    tracing::debug!(attempt, aggregate = %target.id, "lost a race; deciding again");
+                    // Spread competing retries out a little.
+                    let jitter = u64::from(Uuid::new_v4().as_bytes()[0] % 8);
+                    tokio::time::sleep(Duration::from_millis(jitter * u64::from(attempt))).await;
+                }
+                Err(AppendError::Unavailable(reason)) => {
+                    return Err(CommandError::Unavailable(reason));
+                }
+            }
+        }
+        Err(CommandError::Contention)
+    }
+}
+
+fn is_creation(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::RegisterStudent { .. } | Command::CreateCourse { .. }
+    )
+}

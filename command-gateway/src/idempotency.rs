@@ -1,0 +1,255 @@
+//! `Idempotency-Key`: the first outcome of a command (status, headers, body) is kept in a
+//! JetStream KV bucket for 24 h and returned for every retry, from any gateway replica and
+//! across restarts.
+//!
+//! A key is claimed with a `pending` record (KV create: only one request wins), then
+//! replaced by the outcome. A claim older than [`ABANDONED_AFTER`] belongs to a request that
+//! died and may be taken over. Server errors are not remembered, so a retry runs again.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::kv::{self, CreateErrorKind};
+use axum::http::StatusCode;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use service_kit::Problem;
+
+use crate::outcome::Outcome;
+
+/// Header naming the key.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+/// Longest accepted key.
+pub const MAX_KEY_LENGTH: usize = 128;
+/// A pending claim older than this is considered abandoned by a crashed request.
+pub const ABANDONED_AFTER: Duration = Duration::from_secs(60);
+
+/// The bucket of outcomes.
+#[derive(Clone)]
+pub struct IdempotencyStore {
+    bucket: kv::Store,
+}
+
+/// A claimed key: finish it with the outcome.
+#[derive(Debug)]
+pub struct Claim {
+    kv_key: String,
+    fingerprint: String,
+}
+
+/// What `begin` found.
+#[derive(Debug)]
+pub enum Begin {
+    /// First use of the key: run the command, then `finish`.
+    Claimed(Claim),
+    /// The key already has an outcome for this same request: answer it again.
+    Replay(Outcome),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+enum Record {
+    Pending {
+        fingerprint: String,
+        started_at_ms: u64,
+    },
+    Done {
+        fingerprint: String,
+        outcome: Outcome,
+    },
+}
+
+impl IdempotencyStore {
+    pub fn new(bucket: kv::Store) -> Self {
+        IdempotencyStore { bucket }
+    }
+
+    /// Claims `key` for the request described by `fingerprint`, or finds its outcome.
+    /// `client` scopes keys per API key, so two clients cannot collide.
+    pub async fn begin(
+        &self,
+        client: &[u8],
+        key: &str,
+        fingerprint: String,
+    ) -> Result<Begin, Problem> {
+        let kv_key = kv_key(client, key);
+        let pending = encode(&Record::Pending {
+            fingerprint: fingerprint.clone(),
+            started_at_ms: now_ms(),
+        })?;
+        match self.bucket.create(&kv_key, pending.clone()).await {
+            Ok(_) => {
+                return Ok(Begin::Claimed(Claim {
+                    kv_key,
+                    fingerprint,
+                }));
+            }
+            Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {}
+            Err(error) => return Err(unavailable(&error)),
+        }
+        let entry = self
+            .bucket
+            .entry(&kv_key)
+            .await
+            .map_err(|e| unavailable(&e))?
+            .ok_or_else(|| in_use("the key was released a moment ago; retry"))?;
+        let record: Record = serde_json::from_slice(&entry.value).map_err(|e| unavailable(&e))?;
+        match record {
+            Record::Done {
+                fingerprint: stored,
+                outcome,
+            } => {
+                if stored == fingerprint {
+                    Ok(Begin::Replay(outcome))
+                } else {
+                    Err(reused())
+                }
+            }
+            Record::Pending {
+                fingerprint: stored,
+                started_at_ms,
+            } => {
+                if stored != fingerprint {
+                    return Err(reused());
+                }
+                if now_ms().saturating_sub(started_at_ms) < ABANDONED_AFTER.as_millis() as u64 {
+                    return Err(in_use("a request with this key is still running"));
+                }
+                // The first request died without an outcome: take its claim over.
+                self.bucket
+                    .update(&kv_key, pending, entry.revision)
+                    .await
+                    .map_err(|_| in_use("another retry took this key over"))?;
+                Ok(Begin::Claimed(Claim {
+                    kv_key,
+                    fingerprint,
+                }))
+            }
+        }
+    }
+
+    /// Stores the outcome of a claimed key, or releases the claim after a server error so a
+    /// retry runs the command again.
+    pub async fn finish(&self, claim: Claim, outcome: &Outcome) {
+        let result = if outcome.status >= 500 {
+            self.bucket
+                .delete(&claim.kv_key)
+                .await
+                .map_err(|e| e.to_string())
+        } else {
+            match encode(&Record::Done {
+                fingerprint: claim.fingerprint,
+                outcome: outcome.clone(),
+            }) {
+                Ok(record) => self
+                    .bucket
+                    .put(&claim.kv_key, record)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Err(_) => Err("encoding the outcome".into()),
+            }
+        };
+        if let Err(error) = result {
+            // The command's effect stands; only its replay is lost (a retry would then wait
+            // for the claim to be abandoned, and run again).
+            tracing::error!(%error, key = %claim.kv_key, "storing the idempotent outcome failed");
+        }
+    }
+}
+
+/// Checks the header value: 1..=128 visible ASCII characters.
+pub fn parse_key(raw: &[u8]) -> Result<&str, Problem> {
+    let valid =
+        !raw.is_empty() && raw.len() <= MAX_KEY_LENGTH && raw.iter().all(|b| b.is_ascii_graphic());
+    match std::str::from_utf8(raw) {
+        Ok(key) if valid => Ok(key),
+        _ => Err(Problem::bad_request(format!(
+            "`Idempotency-Key` must be 1 to {MAX_KEY_LENGTH} visible ASCII characters"
+        ))),
+    }
+}
+
+/// KV keys allow only `[-/_=.a-zA-Z0-9]`: hex-encode the client's key, prefixed by a stable
+/// fingerprint of the API key that sent it.
+fn kv_key(client: &[u8], key: &str) -> String {
+    let mut out = format!("{:016x}.", fnv1a(client));
+    for byte in key.bytes() {
+        out.push_str(&format!("{byte:02x}"));
+    }
+    out
+}
+
+/// FNV-1a, 64 bit: stable across builds and releases, unlike `std`'s hasher.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in bytes {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn encode(record: &Record) -> Result<Bytes, Problem> {
+    serde_json::to_vec(record)
+        .map(Bytes::from)
+        .map_err(|e| unavailable(&e))
+}
+
+fn unavailable(error: &dyn std::fmt::Display) -> Problem {
+    tracing::error!(%error, "idempotency store failed");
+    Problem::unavailable("the idempotency store is unavailable; retry")
+}
+
+fn in_use(detail: &str) -> Problem {
+    Problem::new(
+        StatusCode::CONFLICT,
+        "idempotency-key-in-use",
+        "Idempotency key in use",
+    )
+    .with_detail(detail)
+    .with_retry_after(1)
+}
+
+fn reused() -> Problem {
+    Problem::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency-key-reused",
+        "Idempotency key reused",
+    )
+    .with_detail("this Idempotency-Key was used for a different request")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_valid_kv_keys_scoped_per_client() {
+        let a = kv_key(b"writer-a", "order 1/ü?");
+        let b = kv_key(b"writer-b", "order 1/ü?");
+        assert_ne!(a, b);
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || c == '.'));
+    }
+
+    #[test]
+    fn header_values_are_bounded_visible_ascii() {
+        assert!(parse_key(b"0193a1c2-0000-7000-8000-000000000001").is_ok());
+        assert!(parse_key(b"").is_err());
+        assert!(parse_key(b"has space").is_err());
+        assert!(parse_key(&[b'k'; MAX_KEY_LENGTH + 1]).is_err());
+        assert!(parse_key("ünïcode".as_bytes()).is_err());
+    }
+
+    #[test]
+    fn fnv1a_matches_the_reference_vectors() {
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}
