@@ -1,7 +1,7 @@
 //! Runs one command: load what it reads, decide, append with the versions it read, and on a
 //! lost race reload and decide again, a bounded number of times.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -9,8 +9,9 @@ use events::{Event, EventMetadata, TraceContext};
 use uuid::Uuid;
 
 use crate::aggregates::Aggregates;
-use crate::domain::{Command, DomainError, Snapshot, decide};
+use crate::domain::{AggregateId, Command, DomainError, Snapshot, decide};
 use crate::event_store::{AppendError, LoadError};
+use crate::locks::AggregateLocks;
 
 /// Decisions tried before a command is answered with a conflict.
 pub const MAX_ATTEMPTS: u32 = 8;
@@ -55,11 +56,15 @@ pub enum CommandError {
 /// Executes commands against the event stream.
 pub struct CommandService {
     aggregates: Aggregates,
+    locks: AggregateLocks,
 }
 
 impl CommandService {
     pub fn new(aggregates: Aggregates) -> Self {
-        CommandService { aggregates }
+        CommandService {
+            aggregates,
+            locks: AggregateLocks::default(),
+        }
     }
 
     pub fn aggregates(&self) -> &Aggregates {
@@ -76,16 +81,15 @@ impl CommandService {
     ) -> Result<Accepted, CommandError> {
         let target = command.target();
         for attempt in 1..=MAX_ATTEMPTS {
-            let refresh = attempt > 1;
-            let mut snapshot = Snapshot::default();
-            let mut versions = BTreeMap::new();
-            if is_creation(command) {
-                // The gateway minted this id a moment ago: nothing can be on its subject.
-                versions.insert(target, 0);
-            } else {
-                self.aggregates
-                    .load(&[target], refresh, &mut snapshot, &mut versions)
-                    .await?;
+            // Find what the command touches, wait for this process's other commands on those
+            // aggregates (see `locks`), then read them again: a previous holder may have just
+            // changed them. After a lost race, the second read catches up with the stream.
+            let (snapshot, _) = self.read(command, false).await?;
+            let held = self.locks.lock(touched(command, &snapshot)).await;
+            let (mut snapshot, mut versions) = self.read(command, attempt > 1).await?;
+            if !held.covers(&touched(command, &snapshot)) {
+                // The relations changed while we waited: lock the new set.
+                continue;
             }
             let target_version = versions.get(&target).copied().unwrap_or(0);
             // Preconditions come before the rules; a missing aggregate is a 404 from decide.
@@ -97,10 +101,6 @@ impl CommandService {
                     current: target_version,
                 });
             }
-            let related = command.related(&snapshot);
-            self.aggregates
-                .load(&related, refresh, &mut snapshot, &mut versions)
-                .await?;
             let changes = decide(command, &snapshot)?;
             if changes.is_empty() {
                 return Ok(Accepted {
@@ -142,6 +142,7 @@ impl CommandService {
                     });
                 }
                 Err(AppendError::Conflict) => {
+                    drop(held);
                     tracing::debug!(attempt, aggregate = %target.id, "lost a race; deciding again");
                     // Spread competing retries out a little.
                     let jitter = u64::from(Uuid::new_v4().as_bytes()[0] % 8);
@@ -154,6 +155,39 @@ impl CommandService {
         }
         Err(CommandError::Contention)
     }
+}
+
+impl CommandService {
+    /// The states and versions of the command's target and of every aggregate related to it.
+    async fn read(
+        &self,
+        command: &Command,
+        refresh: bool,
+    ) -> Result<(Snapshot, BTreeMap<AggregateId, u64>), LoadError> {
+        let target = command.target();
+        let mut snapshot = Snapshot::default();
+        let mut versions = BTreeMap::new();
+        if is_creation(command) {
+            // The gateway minted this id a moment ago: nothing can be on its subject.
+            versions.insert(target, 0);
+        } else {
+            self.aggregates
+                .load(&[target], refresh, &mut snapshot, &mut versions)
+                .await?;
+        }
+        let related = command.related(&snapshot);
+        self.aggregates
+            .load(&related, refresh, &mut snapshot, &mut versions)
+            .await?;
+        Ok((snapshot, versions))
+    }
+}
+
+/// The target and every related aggregate.
+fn touched(command: &Command, snapshot: &Snapshot) -> BTreeSet<AggregateId> {
+    let mut ids: BTreeSet<AggregateId> = command.related(snapshot).into_iter().collect();
+    ids.insert(command.target());
+    ids
 }
 
 fn is_creation(command: &Command) -> bool {

@@ -8,6 +8,7 @@ pub mod domain;
 pub mod event_store;
 pub mod http;
 pub mod idempotency;
+pub mod locks;
 pub mod outcome;
 
 use std::future::Future;

@@ -1,43 +1,18 @@
 //! The command gateway over real HTTP against a real JetStream (one stream set per test).
 
-use command_gateway::http::router;
 use events::{AggregateKind, EventPayload, StudentDetails};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use test_support::{READ_KEY, TestBroker, WRITE_KEY};
+use test_support::{READ_KEY, WRITE_KEY};
 use uuid::Uuid;
 
-struct TestGateway {
-    url: String,
-    http: reqwest::Client,
-    broker: TestBroker,
-}
+mod common;
 
-const BODY_LIMIT: usize = 64 * 1024;
+use common::{BODY_LIMIT, TestGateway};
 
 impl TestGateway {
-    async fn spawn() -> TestGateway {
-        let broker = TestBroker::start().await;
-        let state = command_gateway::app_state(broker.client.clone(), broker.names.clone())
-            .await
-            .expect("state");
-        let app = router(state, test_support::api_keys(), BODY_LIMIT);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        tokio::spawn(command_gateway::run(listener, app, std::future::pending()));
-        TestGateway {
-            url,
-            http: reqwest::Client::new(),
-            broker,
-        }
-    }
-
     fn post_students(&self) -> reqwest::RequestBuilder {
-        self.http
-            .post(format!("{}/api/students", self.url))
-            .header("x-api-key", WRITE_KEY)
+        self.request(reqwest::Method::POST, "/api/students")
     }
 
     async fn post_student_json(&self, body: Value) -> reqwest::Response {
