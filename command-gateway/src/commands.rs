@@ -2,10 +2,13 @@
 //! lost race reload and decide again, a bounded number of times.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use events::{Event, EventMetadata, TraceContext};
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram};
+use service_kit::metrics;
 use uuid::Uuid;
 
 use crate::aggregates::Aggregates;
@@ -53,10 +56,58 @@ pub enum CommandError {
     Unavailable(String),
 }
 
+/// Instruments of the command path.
+struct CommandMetrics {
+    commands: Counter<u64>,
+    conflicts: Counter<u64>,
+    append_duration: Histogram<f64>,
+}
+
+impl CommandMetrics {
+    fn new() -> Self {
+        let meter = metrics::meter();
+        CommandMetrics {
+            commands: meter
+                .u64_counter("commands")
+                .with_description("Commands handled, by command and result")
+                .build(),
+            conflicts: meter
+                .u64_counter("command.conflicts")
+                .with_description("Appends refused because an aggregate changed (each is retried)")
+                .build(),
+            append_duration: metrics::seconds_histogram(
+                "command.append.duration",
+                "Time for the broker to confirm an append, by single event or atomic batch",
+            ),
+        }
+    }
+}
+
+impl CommandError {
+    /// A bounded label for metrics.
+    fn label(&self) -> &'static str {
+        match self {
+            CommandError::Rule(rule) => match rule {
+                DomainError::NotFound(_) => "not_found",
+                DomainError::AlreadyExists(_) => "already_exists",
+                DomainError::UnknownReference { .. } => "unknown_reference",
+                DomainError::StudentCourseLimit { .. } => "student_course_limit",
+                DomainError::CourseFull { .. } => "course_full",
+                DomainError::NotEnrolled { .. } => "not_enrolled",
+            },
+            CommandError::PreconditionFailed { .. } => "precondition_failed",
+            CommandError::Contention => "contention",
+            CommandError::Load(_) => "load_failed",
+            CommandError::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
 /// Executes commands against the event stream.
 pub struct CommandService {
     aggregates: Aggregates,
     locks: AggregateLocks,
+    metrics: CommandMetrics,
 }
 
 impl CommandService {
@@ -64,7 +115,31 @@ impl CommandService {
         CommandService {
             aggregates,
             locks: AggregateLocks::default(),
+            metrics: CommandMetrics::new(),
         }
+    }
+
+    /// Executes `command` (see [`CommandService::decide_and_append`]) and counts its result.
+    pub async fn execute(
+        &self,
+        command: &Command,
+        context: &CommandContext,
+        if_match: Option<&[u64]>,
+    ) -> Result<Accepted, CommandError> {
+        let result = self.decide_and_append(command, context, if_match).await;
+        let label = match &result {
+            Ok(accepted) if accepted.appended == 0 => "unchanged",
+            Ok(_) => "accepted",
+            Err(error) => error.label(),
+        };
+        self.metrics.commands.add(
+            1,
+            &[
+                KeyValue::new("command", command.name()),
+                KeyValue::new("result", label),
+            ],
+        );
+        result
     }
 
     pub fn aggregates(&self) -> &Aggregates {
@@ -73,7 +148,8 @@ impl CommandService {
 
     /// Executes `command`. `if_match` holds the versions of the addressed aggregate the
     /// client accepts (`If-Match`), checked against the version the decision reads.
-    pub async fn execute(
+    /// Loads, decides and appends, deciding again after a lost race.
+    async fn decide_and_append(
         &self,
         command: &Command,
         context: &CommandContext,
@@ -126,7 +202,14 @@ impl CommandService {
                     payload: change.payload.clone(),
                 })
                 .collect();
-            match self.aggregates.store().append(&events, &versions).await {
+            let started = Instant::now();
+            let appended = self.aggregates.store().append(&events, &versions).await;
+            let kind = if events.len() == 1 { "single" } else { "batch" };
+            self.metrics.append_duration.record(
+                started.elapsed().as_secs_f64(),
+                &[KeyValue::new("append", kind)],
+            );
+            match appended {
                 Ok(sequences) => {
                     snapshot.apply(&changes);
                     for (change, sequence) in changes.iter().zip(&sequences) {
@@ -143,6 +226,9 @@ impl CommandService {
                 }
                 Err(AppendError::Conflict) => {
                     drop(held);
+                    self.metrics
+                        .conflicts
+                        .add(1, &[KeyValue::new("command", command.name())]);
                     tracing::debug!(attempt, aggregate = %target.id, "lost a race; deciding again");
                     // Spread competing retries out a little.
                     let jitter = u64::from(Uuid::new_v4().as_bytes()[0] % 8);

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use service_kit::auth::{API_KEY_HEADER, ScopeGuard, require_scope};
 use service_kit::json::JsonBody;
-use service_kit::{ApiKeys, FieldError, Problem, Scope, health, problem};
+use service_kit::{ApiKeys, FieldError, Problem, Scope, health, metrics, problem};
 use uuid::Uuid;
 
 use crate::commands::{Accepted, CommandContext, CommandError, CommandService};
@@ -66,6 +66,11 @@ pub fn router(state: AppState, keys: ApiKeys, body_limit_bytes: usize) -> Router
         .merge(writes)
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics::metrics_handler))
+        .layer(middleware::from_fn_with_state(
+            metrics::HttpMetrics::new(),
+            metrics::track_http,
+        ))
         .fallback(problem::route_not_found)
         .method_not_allowed_fallback(problem::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit_bytes))

@@ -220,3 +220,42 @@ async fn unknown_routes_and_methods_are_problems_and_health_is_open() {
     }
     gateway.broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn metrics_count_requests_per_route_and_commands_per_result() {
+    let gateway = TestGateway::spawn().await;
+    let created = gateway
+        .post_student_json(json!({"name": "Ada L", "first_name": "Ada", "last_name": "Lovelace"}))
+        .await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let invalid = gateway.post_student_json(json!({"name": "x"})).await;
+    assert_eq!(invalid.status(), StatusCode::UNPROCESSABLE_ENTITY);
+
+    let metrics = gateway
+        .http
+        .get(format!("{}/metrics", gateway.url))
+        .send()
+        .await
+        .expect("metrics are open")
+        .text()
+        .await
+        .expect("text");
+    for expected in [
+        r#"commands_total{command="register_student",result="accepted"} 1"#,
+        r#"http_server_requests_total{method="POST",route="/api/students",status="201"} 1"#,
+        r#"http_server_requests_total{method="POST",route="/api/students",status="422"} 1"#,
+        r#"command_append_duration_seconds_count{append="single"} 1"#,
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "missing {expected} in:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics
+            .split('"')
+            .all(|value| Uuid::parse_str(value).is_err()),
+        "an id in a label would make it unbounded"
+    );
+    gateway.broker.cleanup().await;
+}

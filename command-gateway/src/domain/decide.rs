@@ -70,6 +70,20 @@ pub enum Command {
 }
 
 impl Command {
+    /// A short name, for metrics and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::RegisterStudent { .. } => "register_student",
+            Command::ReplaceStudent { .. } => "replace_student",
+            Command::DeleteStudent { .. } => "delete_student",
+            Command::CreateCourse { .. } => "create_course",
+            Command::ReplaceCourse { .. } => "replace_course",
+            Command::DeleteCourse { .. } => "delete_course",
+            Command::Enroll { .. } => "enroll",
+            Command::Unenroll { .. } => "unenroll",
+        }
+    }
+
     /// The aggregate the command is addressed to (the one in the URL).
     pub fn target(&self) -> AggregateId {
         match self {

@@ -1,0 +1,156 @@
+//! Metrics: OpenTelemetry instruments exported in the Prometheus text format on `/metrics`,
+//! and the HTTP middleware that records rate, errors and latency per route.
+//!
+//! One registry per process (tests run several servers in one process and share it).
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use prometheus::{Encoder, TextEncoder};
+
+/// Latency buckets in seconds: sub-millisecond to seconds.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+struct Telemetry {
+    registry: prometheus::Registry,
+    provider: SdkMeterProvider,
+}
+
+static TELEMETRY: OnceLock<Option<Telemetry>> = OnceLock::new();
+
+fn telemetry() -> Option<&'static Telemetry> {
+    TELEMETRY
+        .get_or_init(|| {
+            let registry = prometheus::Registry::new();
+            let exporter = opentelemetry_prometheus::exporter()
+                .with_registry(registry.clone())
+                // Keep series free of per-library labels; names stay Prometheus-conventional.
+                .scope_info_enabled(false)
+                .without_target_info()
+                .build();
+            match exporter {
+                Ok(exporter) => Some(Telemetry {
+                    registry,
+                    provider: SdkMeterProvider::builder().with_reader(exporter).build(),
+                }),
+                Err(error) => {
+                    tracing::error!(%error, "metrics exporter could not be built; metrics are off");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// The meter every instrument of this process is created from.
+pub fn meter() -> Meter {
+    match telemetry() {
+        Some(telemetry) => telemetry.provider.meter("school"),
+        None => opentelemetry::global::meter("school"),
+    }
+}
+
+/// A latency histogram in seconds with [`LATENCY_BUCKETS`].
+pub fn seconds_histogram(name: &'static str, description: &'static str) -> Histogram<f64> {
+    meter()
+        .f64_histogram(name)
+        .with_unit("s")
+        .with_description(description)
+        .with_boundaries(LATENCY_BUCKETS.to_vec())
+        .build()
+}
+
+/// The Prometheus text exposition of every metric of the process.
+pub fn render() -> String {
+    let Some(telemetry) = telemetry() else {
+        return String::new();
+    };
+    let mut out = Vec::new();
+    if let Err(error) = TextEncoder::new().encode(&telemetry.registry.gather(), &mut out) {
+        tracing::error!(%error, "encoding metrics failed");
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// `GET /metrics` (unauthenticated, like the health endpoints).
+pub async fn metrics_handler() -> Response {
+    let mut response = render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+/// Instruments of the HTTP middleware.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    requests: Counter<u64>,
+    duration: Histogram<f64>,
+}
+
+impl HttpMetrics {
+    pub fn new() -> Arc<Self> {
+        Arc::new(HttpMetrics {
+            requests: meter()
+                .u64_counter("http.server.requests")
+                .with_description("HTTP requests answered, by route and status")
+                .build(),
+            duration: seconds_histogram(
+                "http.server.request.duration",
+                "Time to answer an HTTP request, by route and status",
+            ),
+        })
+    }
+}
+
+/// Middleware (`axum::middleware::from_fn_with_state`) recording every request by method,
+/// route template (never the raw path: ids would make the label unbounded) and status.
+pub async fn track_http(
+    State(metrics): State<Arc<HttpMetrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let method = request.method().as_str().to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let response = next.run(request).await;
+    let labels = [
+        KeyValue::new("method", method),
+        KeyValue::new("route", route),
+        KeyValue::new("status", response.status().as_u16().to_string()),
+    ];
+    metrics.requests.add(1, &labels);
+    metrics
+        .duration
+        .record(started.elapsed().as_secs_f64(), &labels);
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instruments_show_up_with_prometheus_names() {
+        let counter = meter().u64_counter("test.things").build();
+        counter.add(3, &[KeyValue::new("kind", "a")]);
+        seconds_histogram("test.wait.duration", "waits").record(0.002, &[]);
+        let text = render();
+        assert!(text.contains("test_things_total{kind=\"a\"} 3"), "{text}");
+        assert!(text.contains("test_wait_duration_seconds_bucket"), "{text}");
+        assert!(!text.contains("otel_scope"), "{text}");
+    }
+}
