@@ -16,11 +16,14 @@ use serde_json::json;
 use service_kit::auth::{API_KEY_HEADER, ScopeGuard, require_scope};
 use service_kit::json::JsonBody;
 use service_kit::{ApiKeys, FieldError, Problem, Scope, health, metrics, problem};
+use utoipa::{OpenApi, ToSchema};
+use utoipa_swagger_ui::SwaggerUi;
 use uuid::Uuid;
 
 use crate::commands::{Accepted, CommandContext, CommandError, CommandService};
 use crate::domain::{AggregateId, Command, CourseDraft, DomainError, InvalidField, StudentDraft};
 use crate::idempotency::{self, Begin, IDEMPOTENCY_KEY_HEADER, IdempotencyStore};
+use crate::openapi::{ApiDoc, CommandErrors, CourseDataDoc, CreatedDoc, StudentDataDoc};
 use crate::outcome::Outcome;
 
 /// Header carrying the stream position a read may wait for.
@@ -64,6 +67,7 @@ pub fn router(state: AppState, keys: ApiKeys, body_limit_bytes: usize) -> Router
         ));
     Router::new()
         .merge(writes)
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics::metrics_handler))
@@ -91,13 +95,18 @@ async fn readyz(State(state): State<AppState>) -> Response {
 /// Body of `POST` and `PUT /api/students`. Fields are optional here so a missing one is a
 /// `422` naming it, not a deserialization `400`. `PUT` replaces everything: an omitted
 /// `course_ids` means no courses.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StudentBody {
+    #[schema(required = true, min_length = 3, max_length = 20, example = "Ada L")]
     name: Option<String>,
+    #[schema(required = true, min_length = 3, max_length = 20, example = "Ada")]
     first_name: Option<String>,
+    #[schema(required = true, min_length = 3, max_length = 20, example = "Lovelace")]
     last_name: Option<String>,
+    /// At most 15 distinct ids of existing courses.
     #[serde(default)]
+    #[schema(value_type = Vec<uuid::Uuid>, max_items = 15)]
     course_ids: Vec<String>,
 }
 
@@ -114,14 +123,30 @@ impl StudentBody {
 }
 
 /// Body of `POST` and `PUT /api/courses`.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CourseBody {
+    #[schema(required = true, min_length = 3, max_length = 20, example = "Algebra")]
     name: Option<String>,
+    #[schema(
+        required = true,
+        min_length = 3,
+        max_length = 200,
+        example = "Groups, rings, fields"
+    )]
     description: Option<String>,
+    #[schema(
+        required = true,
+        min_length = 3,
+        max_length = 20,
+        example = "Mathematics"
+    )]
     discipline: Option<String>,
+    #[schema(required = true, min_length = 3, max_length = 20, example = "Noether")]
     teacher: Option<String>,
+    /// At most 60 distinct ids of existing students.
     #[serde(default)]
+    #[schema(value_type = Vec<uuid::Uuid>, max_items = 60)]
     student_ids: Vec<String>,
 }
 
@@ -155,7 +180,17 @@ fn path_id(raw: &str, kind: &str) -> Result<Uuid, Outcome> {
 
 // ---------------------------------------------------------------- handlers
 
-async fn register_student(
+#[utoipa::path(
+    post,
+    path = "/api/students",
+    tag = "students",
+    request_body = StudentBody,
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with this key get the first outcome"),
+    ),
+    responses((status = 201, description = "Registered", body = CreatedDoc, headers(("etag" = String, description = "Aggregate version"), ("x-consistency-token" = String, description = "Stream position to wait for on reads"))), CommandErrors)
+)]
+pub async fn register_student(
     State(state): State<AppState>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<StudentBody>,
@@ -176,7 +211,19 @@ async fn register_student(
     .await
 }
 
-async fn replace_student(
+#[utoipa::path(
+    put,
+    path = "/api/students/{id}",
+    tag = "students",
+    request_body = StudentBody,
+    params(
+        ("id" = uuid::Uuid, Path, description = "Id of the student"),
+        ("If-Match" = Option<String>, Header, description = "Only if the aggregate is at this version (an `ETag`)"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with this key get the first outcome"),
+    ),
+    responses((status = 200, description = "Replaced, with course_ids", body = StudentDataDoc, headers(("etag" = String, description = "Aggregate version"), ("x-consistency-token" = String, description = "Stream position to wait for on reads"))), CommandErrors)
+)]
+pub async fn replace_student(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -210,7 +257,18 @@ async fn replace_student(
     .await
 }
 
-async fn delete_student(
+#[utoipa::path(
+    delete,
+    path = "/api/students/{id}",
+    tag = "students",
+    params(
+        ("id" = uuid::Uuid, Path, description = "Id of the student"),
+        ("If-Match" = Option<String>, Header, description = "Only if the aggregate is at this version (an `ETag`)"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with this key get the first outcome"),
+    ),
+    responses((status = 204, description = "Deleted; its courses forget it", headers(("etag" = String, description = "Aggregate version"), ("x-consistency-token" = String, description = "Stream position to wait for on reads"))), CommandErrors)
+)]
+pub async fn delete_student(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -233,7 +291,19 @@ async fn delete_student(
     .await
 }
 
-async fn enroll(
+#[utoipa::path(
+    put,
+    path = "/api/students/{id}/courses/{course_id}",
+    tag = "enrollments",
+    params(
+        ("id" = uuid::Uuid, Path, description = "Id of the student"),
+        ("course_id" = uuid::Uuid, Path, description = "Id of the course"),
+        ("If-Match" = Option<String>, Header, description = "Only if the aggregate is at this version (an `ETag`)"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with this key get the first outcome"),
+    ),
+    responses((status = 204, description = "Enrolled (or already was)", headers(("etag" = String, description = "Aggregate version"), ("x-consistency-token" = String, description = "Stream position to wait for on reads"))), CommandErrors)
+)]
+pub async fn enroll(
     State(state): State<AppState>,
     Path((id, course)): Path<(String, String)>,
     headers: HeaderMap,
@@ -260,7 +330,19 @@ async fn enroll(
     .await
 }
 
-async fn unenroll(
+#[utoipa::path(
+    delete,
+    path = "/api/students/{id}/courses/{course_id}",
+    tag = "enrollments",
+    params(
+        ("id" = uuid::Uuid, Path, description = "Id of the student"),
+        ("course_id" = uuid::Uuid, Path, description = "Id of the course"),
+        ("If-Match" = Option<String>, Header, description = "Only if the aggregate is at this version (an `ETag`)"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with this key get the first outcome"),
+    ),
+    responses((status = 204, description = "Unenrolled", headers(("etag" = String, description = "Aggregate version"), ("x-consistency-token" = String, description = "Stream position to wait for on reads"))), CommandErrors)
+)]
+pub async fn unenroll(
     State(state): State<AppState>,
     Path((id, course)): Path<(String, String)>,
     headers: HeaderMap,
@@ -287,7 +369,17 @@ async fn unenroll(
     .await
 }
 
-async fn create_course(
+#[utoipa::path(
+    post,
+    path = "/api/courses",
+    tag = "courses",
+    request_body = CourseBody,
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with this key get the first outcome"),
+    ),
+    responses((status = 201, description = "Created", body = CreatedDoc, headers(("etag" = String, description = "Aggregate version"), ("x-consistency-token" = String, description = "Stream position to wait for on reads"))), CommandErrors)
+)]
+pub async fn create_course(
     State(state): State<AppState>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<CourseBody>,
@@ -308,7 +400,19 @@ async fn create_course(
     .await
 }
 
-async fn replace_course(
+#[utoipa::path(
+    put,
+    path = "/api/courses/{id}",
+    tag = "courses",
+    request_body = CourseBody,
+    params(
+        ("id" = uuid::Uuid, Path, description = "Id of the course"),
+        ("If-Match" = Option<String>, Header, description = "Only if the aggregate is at this version (an `ETag`)"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with this key get the first outcome"),
+    ),
+    responses((status = 200, description = "Replaced, with student_ids", body = CourseDataDoc, headers(("etag" = String, description = "Aggregate version"), ("x-consistency-token" = String, description = "Stream position to wait for on reads"))), CommandErrors)
+)]
+pub async fn replace_course(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -343,7 +447,18 @@ async fn replace_course(
     .await
 }
 
-async fn delete_course(
+#[utoipa::path(
+    delete,
+    path = "/api/courses/{id}",
+    tag = "courses",
+    params(
+        ("id" = uuid::Uuid, Path, description = "Id of the course"),
+        ("If-Match" = Option<String>, Header, description = "Only if the aggregate is at this version (an `ETag`)"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with this key get the first outcome"),
+    ),
+    responses((status = 204, description = "Deleted; its students forget it", headers(("etag" = String, description = "Aggregate version"), ("x-consistency-token" = String, description = "Stream position to wait for on reads"))), CommandErrors)
+)]
+pub async fn delete_course(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,

@@ -9,6 +9,7 @@ pub mod event_store;
 pub mod http;
 pub mod idempotency;
 pub mod locks;
+pub mod openapi;
 pub mod outcome;
 
 use std::future::Future;

@@ -259,3 +259,48 @@ async fn metrics_count_requests_per_route_and_commands_per_result() {
     );
     gateway.broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_openapi_document_describes_every_command_route_and_swagger_ui_is_served() {
+    let gateway = TestGateway::spawn().await;
+    let document: Value = gateway
+        .http
+        .get(format!("{}/openapi.json", gateway.url))
+        .send()
+        .await
+        .expect("openapi is open")
+        .json()
+        .await
+        .expect("json");
+    let expected = [
+        ("/api/students", "post"),
+        ("/api/students/{id}", "put"),
+        ("/api/students/{id}", "delete"),
+        ("/api/students/{id}/courses/{course_id}", "put"),
+        ("/api/students/{id}/courses/{course_id}", "delete"),
+        ("/api/courses", "post"),
+        ("/api/courses/{id}", "put"),
+        ("/api/courses/{id}", "delete"),
+    ];
+    for (path, method) in expected {
+        let operation = &document["paths"][path][method];
+        assert!(operation.is_object(), "{method} {path} is not documented");
+        assert!(
+            operation["responses"]["422"].is_object() || method == "delete",
+            "{method} {path} documents its validation errors"
+        );
+    }
+    assert_eq!(
+        document["components"]["securitySchemes"]["api_key"]["name"],
+        "x-api-key"
+    );
+    let ui = gateway
+        .http
+        .get(format!("{}/docs/", gateway.url))
+        .send()
+        .await
+        .expect("swagger ui");
+    assert_eq!(ui.status(), StatusCode::OK);
+    assert!(ui.text().await.expect("html").contains("swagger"));
+    gateway.broker.cleanup().await;
+}
