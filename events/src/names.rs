@@ -10,17 +10,20 @@ use crate::model::AggregateKind;
 /// A read model fed by one durable consumer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Projection {
-    /// Students and their enrollments, in Postgres.
+    /// Students and their course ids, in Postgres.
     Students,
+    /// Courses and their student ids, in MongoDB or a Postgres JSONB table.
+    Courses,
 }
 
 impl Projection {
-    pub const ALL: [Projection; 1] = [Projection::Students];
+    pub const ALL: [Projection; 2] = [Projection::Students, Projection::Courses];
 
     /// Short name used in consumer names, checkpoints and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
             Projection::Students => "students",
+            Projection::Courses => "courses",
         }
     }
 
@@ -28,6 +31,7 @@ impl Projection {
     pub fn source_aggregate(self) -> AggregateKind {
         match self {
             Projection::Students => AggregateKind::Student,
+            Projection::Courses => AggregateKind::Course,
         }
     }
 }
@@ -127,6 +131,12 @@ impl StreamNames {
     /// Subjects bound to the dead-letter stream.
     pub fn dead_letter_subjects(&self) -> String {
         format!("{}.dead-letters.>", self.prefix)
+    }
+
+    /// Redis key of one aggregate's cached read-model entry. Projectors delete it after each
+    /// commit that changed the aggregate; query-api fills it. `v1` is the entry's format.
+    pub fn cache_key(&self, kind: AggregateKind, id: Uuid) -> String {
+        format!("{}:v1:{}:{}", self.prefix, kind.as_str(), id)
     }
 
     /// KV bucket of first outcomes per `Idempotency-Key`.

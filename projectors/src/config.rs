@@ -11,12 +11,18 @@ use service_kit::nats::NatsArgs;
     about = "Projects school events into the read models"
 )]
 pub struct Config {
-    /// Address of the health endpoints.
+    /// Address of the health and metrics endpoints.
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
     pub listen_addr: SocketAddr,
     /// Postgres holding the students read model.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
+    /// The courses read model: `mongodb://…` or `postgres://…` (default: DATABASE_URL).
+    #[arg(long, env = "COURSES_STORE_URL", hide_env_values = true)]
+    pub courses_store_url: Option<String>,
+    /// Redis whose cached entries are deleted after each commit; unset: no invalidation.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
     /// Prefix of every stream, subject and bucket name.
     #[arg(long, env = "STREAM_PREFIX", default_value = "school")]
     pub stream_prefix: StreamNames,

@@ -1,32 +1,147 @@
-//! The consume loop of one projection: pull a batch, decode, apply in one transaction, ack.
+//! The consume loop of one projection: pull a batch, decode, apply in one transaction, ack,
+//! invalidate the cache.
 //!
 //! Ordering and exactly-once: the checkpoint (last applied stream sequence) is committed with
 //! the data. Every (re)subscription first resets the durable consumer to `checkpoint + 1`
 //! (ADR-60, nats-server >= 2.14), so delivery restarts gapless and in stream order; otherwise
 //! a message left unacked by a crash would be redelivered only after `ack_wait`, behind newer
 //! ones, and the checkpoint would then skip it. Within a subscription a failed batch is
-//! retried in place, never skipped.
+//! retried in place, never skipped: a read model that is down is waited for; events the read
+//! model refuses again and again are isolated and dead-lettered one by one.
 
-use std::time::Duration;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::consumer::pull::Stream as MessageStream;
 use async_nats::jetstream::{self, AckKind, Message};
-use events::{Event, Projection, StreamNames};
+use events::{AggregateKind, Event, EventPayload, Projection, StreamNames};
 use futures::{FutureExt, StreamExt};
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram};
+use service_kit::metrics;
 
 use crate::dead_letters::DeadLetters;
-use crate::pg_students::PgStudents;
+use crate::redis_cache::RedisInvalidator;
+use crate::store::{ProjectionStore, StoreError};
 
-/// Pause between attempts after a failure (database or broker unavailable).
+/// Pause between attempts after a failure (read model or broker unavailable).
 const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// A batch the read model refuses this many times is applied event by event, and an event
+/// refused this many times on its own is dead-lettered.
+pub const MAX_REFUSALS: u32 = 3;
 
 /// Everything one projection's loop needs.
-pub struct ProjectionRunner {
+pub struct ProjectionRunner<S> {
     pub jetstream: jetstream::Context,
     pub names: StreamNames,
-    pub store: PgStudents,
+    pub store: S,
     pub batch_size: usize,
+    /// Deletes the query side's cache entries after each commit; `None` without Redis.
+    pub cache: Option<Arc<RedisInvalidator>>,
+    pub progress: Arc<ProjectionProgress>,
+}
+
+/// Live figures of the projections, read by `/metrics` and `/readyz`.
+#[derive(Default)]
+pub struct ProjectionProgress {
+    figures: std::sync::Mutex<HashMap<&'static str, Figures>>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Figures {
+    checkpoint: u64,
+    pending: u64,
+}
+
+impl ProjectionProgress {
+    fn record(&self, projection: Projection, checkpoint: u64, pending: u64) {
+        if let Ok(mut figures) = self.figures.lock() {
+            figures.insert(
+                projection.as_str(),
+                Figures {
+                    checkpoint,
+                    pending,
+                },
+            );
+        }
+    }
+
+    /// `(projection, applied sequence, events delivered to it but not yet applied)`.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64, u64)> {
+        self.figures
+            .lock()
+            .map(|figures| {
+                figures
+                    .iter()
+                    .map(|(name, f)| (*name, f.checkpoint, f.pending))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Registers the lag gauges (once per process).
+    pub fn register_gauges(self: &Arc<Self>) {
+        let lag = self.clone();
+        let applied = self.clone();
+        let meter = metrics::meter();
+        // The instruments live as long as the meter provider; their handles can go.
+        let _lag = meter
+            .u64_observable_gauge("projection.lag")
+            .with_unit("{event}")
+            .with_description("Events of the projection's subjects in the stream not yet applied")
+            .with_callback(move |observer| {
+                for (name, _, pending) in lag.snapshot() {
+                    observer.observe(pending, &[KeyValue::new("projection", name)]);
+                }
+            })
+            .build();
+        let _applied = meter
+            .u64_observable_gauge("projection.applied.sequence")
+            .with_description("Stream sequence up to which the projection has applied every event")
+            .with_callback(move |observer| {
+                for (name, checkpoint, _) in applied.snapshot() {
+                    observer.observe(checkpoint, &[KeyValue::new("projection", name)]);
+                }
+            })
+            .build();
+    }
+}
+
+struct RunnerMetrics {
+    applied: Counter<u64>,
+    dead_letters: Counter<u64>,
+    batch_size: Histogram<u64>,
+    apply_duration: Histogram<f64>,
+}
+
+impl RunnerMetrics {
+    fn new() -> Self {
+        let meter = metrics::meter();
+        RunnerMetrics {
+            applied: meter
+                .u64_counter("projection.events.applied")
+                .with_description("Events applied to the read model")
+                .build(),
+            dead_letters: meter
+                .u64_counter("projection.dead.letters")
+                .with_description("Events moved to the dead-letter stream, by reason")
+                .build(),
+            batch_size: meter
+                .u64_histogram("projection.batch.size")
+                .with_unit("{event}")
+                .with_description("Events per applied batch")
+                .with_boundaries(vec![
+                    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0,
+                ])
+                .build(),
+            apply_duration: metrics::seconds_histogram(
+                "projection.apply.duration",
+                "Time to apply and commit one batch",
+            ),
+        }
+    }
 }
 
 /// Why a subscription ended.
@@ -35,19 +150,30 @@ enum SubscriptionEnd {
     Failed(anyhow::Error),
 }
 
-impl ProjectionRunner {
-    /// Runs the students projection until `shutdown` completes. A batch in flight then is
-    /// finished (committed and acked) first.
+type Shutdown<'a, F> = std::pin::Pin<&'a mut F>;
+
+impl<S: ProjectionStore> ProjectionRunner<S> {
+    fn projection(&self) -> Projection {
+        self.store.projection()
+    }
+
+    fn labels(&self) -> [KeyValue; 1] {
+        [KeyValue::new("projection", self.projection().as_str())]
+    }
+
+    /// Runs the projection until `shutdown` completes. A batch in flight then is finished
+    /// (committed and acked) first.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
-        let projection = Projection::Students;
+        let projection = self.projection();
+        let metrics = RunnerMetrics::new();
         tokio::pin!(shutdown);
         loop {
             let subscription = tokio::select! {
                 () = &mut shutdown => break,
-                result = self.subscribe(projection) => result,
+                result = self.subscribe() => result,
             };
             let end = match subscription {
-                Ok(messages) => self.consume(messages, &mut shutdown).await,
+                Ok(messages) => self.consume(messages, &metrics, &mut shutdown).await,
                 Err(error) => SubscriptionEnd::Failed(error),
             };
             match end {
@@ -70,9 +196,11 @@ impl ProjectionRunner {
     }
 
     /// Resets the durable consumer to just after the checkpoint and opens a message stream.
-    async fn subscribe(&self, projection: Projection) -> anyhow::Result<MessageStream> {
+    async fn subscribe(&self) -> anyhow::Result<MessageStream> {
+        let projection = self.projection();
         let consumer_name = self.names.projection_consumer(projection);
         let checkpoint = self.store.checkpoint().await?;
+        self.progress.record(projection, checkpoint, 0);
         let stream = self
             .jetstream
             .get_stream_no_info(self.names.event_stream())
@@ -100,13 +228,13 @@ impl ProjectionRunner {
         Ok(messages)
     }
 
-    async fn consume(
+    async fn consume<F: std::future::Future<Output = ()>>(
         &self,
         mut messages: MessageStream,
-        shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+        metrics: &RunnerMetrics,
+        shutdown: &mut Shutdown<'_, F>,
     ) -> SubscriptionEnd {
-        let dead_letters =
-            DeadLetters::new(self.jetstream.clone(), &self.names, Projection::Students);
+        let dead_letters = DeadLetters::new(self.jetstream.clone(), &self.names, self.projection());
         loop {
             // Wait for the first message of a batch, or for shutdown between batches.
             let first = tokio::select! {
@@ -126,70 +254,219 @@ impl ProjectionRunner {
                     _ => break,
                 }
             }
-            if let Err(end) = self.process_batch(&dead_letters, batch, shutdown).await {
+            if let Err(end) = self
+                .process_batch(&dead_letters, batch, metrics, shutdown)
+                .await
+            {
                 return end;
             }
         }
     }
 
-    /// Decodes, applies and acks one batch. Undecodable events go to the dead-letter stream;
-    /// a failed transaction is retried until it commits or shutdown is requested.
-    async fn process_batch(
+    /// Decodes, applies and acks one batch. Undecodable events go to the dead-letter stream.
+    async fn process_batch<F: std::future::Future<Output = ()>>(
         &self,
         dead_letters: &DeadLetters,
         batch: Vec<Message>,
-        shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+        metrics: &RunnerMetrics,
+        shutdown: &mut Shutdown<'_, F>,
     ) -> Result<(), SubscriptionEnd> {
         let mut decoded: Vec<(u64, Event)> = Vec::with_capacity(batch.len());
+        let mut by_sequence: HashMap<u64, &Message> = HashMap::with_capacity(batch.len());
         let mut last_sequence = 0;
+        let mut pending = 0;
         for message in &batch {
-            let sequence = message
-                .info()
-                .map_err(|e| {
-                    SubscriptionEnd::Failed(anyhow::anyhow!(
-                        "message without JetStream metadata: {e}"
-                    ))
-                })?
-                .stream_sequence;
+            let info = message.info().map_err(|e| {
+                SubscriptionEnd::Failed(anyhow::anyhow!("message without JetStream metadata: {e}"))
+            })?;
+            let sequence = info.stream_sequence;
+            pending = info.pending;
             last_sequence = last_sequence.max(sequence);
+            by_sequence.insert(sequence, message);
             match events::decode(&message.payload) {
                 Ok(event) => decoded.push((sequence, event)),
-                Err(error) => dead_letters
-                    .send(message, sequence, &format!("undecodable: {error}"))
-                    .await
-                    .map_err(SubscriptionEnd::Failed)?,
-            }
-        }
-        loop {
-            match self.store.apply_batch(&decoded, last_sequence).await {
-                Ok(outcome) => {
-                    tracing::debug!(
-                        applied = outcome.applied,
-                        skipped = outcome.skipped,
-                        checkpoint = outcome.checkpoint,
-                        "batch committed"
-                    );
-                    break;
-                }
                 Err(error) => {
-                    tracing::error!(%error, events = decoded.len(), "applying the batch failed; retrying");
-                    // Keep the broker from redelivering while we retry.
-                    for message in &batch {
-                        let _ = message.ack_with(AckKind::Progress).await;
-                    }
-                    tokio::select! {
-                        () = shutdown.as_mut() => return Err(SubscriptionEnd::ShutdownRequested),
-                        () = tokio::time::sleep(RETRY_DELAY) => {}
-                    }
+                    dead_letters
+                        .send(message, sequence, &format!("undecodable: {error}"))
+                        .await
+                        .map_err(SubscriptionEnd::Failed)?;
+                    metrics.dead_letters.add(
+                        1,
+                        &[
+                            KeyValue::new("projection", self.projection().as_str()),
+                            KeyValue::new("reason", "undecodable"),
+                        ],
+                    );
                 }
             }
         }
+        let started = Instant::now();
+        let applied = self
+            .apply_with_retries(&decoded, last_sequence, &batch, shutdown)
+            .await;
+        let applied = match applied {
+            Ok(applied) => applied,
+            Err(Isolate) => {
+                self.apply_one_by_one(
+                    dead_letters,
+                    &decoded,
+                    last_sequence,
+                    &by_sequence,
+                    metrics,
+                    &batch,
+                    shutdown,
+                )
+                .await?
+            }
+        }
+        .ok_or(SubscriptionEnd::ShutdownRequested)?;
+        metrics
+            .apply_duration
+            .record(started.elapsed().as_secs_f64(), &self.labels());
+        metrics
+            .batch_size
+            .record(decoded.len() as u64, &self.labels());
+        metrics.applied.add(applied as u64, &self.labels());
+        self.progress
+            .record(self.projection(), last_sequence, pending);
         // Ack only after commit. A lost ack only means a redelivery that the checkpoint skips.
         for message in &batch {
             if let Err(error) = message.ack().await {
                 tracing::warn!(%error, "ack failed; the event will be redelivered and skipped");
             }
         }
+        if let Some(cache) = &self.cache {
+            cache.invalidate(cache_keys(&self.names, &decoded)).await;
+        }
         Ok(())
     }
+
+    /// Applies the batch, waiting out an unavailable read model. `Ok(None)`: shutdown came
+    /// first. `Err(Isolate)`: the read model refused the batch [`MAX_REFUSALS`] times.
+    async fn apply_with_retries<F: std::future::Future<Output = ()>>(
+        &self,
+        decoded: &[(u64, Event)],
+        through: u64,
+        batch: &[Message],
+        shutdown: &mut Shutdown<'_, F>,
+    ) -> Result<Option<usize>, Isolate> {
+        let mut refusals = 0;
+        loop {
+            match self.store.apply_batch(decoded, through).await {
+                Ok(outcome) => return Ok(Some(outcome.applied)),
+                Err(StoreError::Refused(reason)) => {
+                    refusals += 1;
+                    tracing::error!(
+                        reason,
+                        refusals,
+                        events = decoded.len(),
+                        "the read model refused the batch"
+                    );
+                    if refusals >= MAX_REFUSALS {
+                        return Err(Isolate);
+                    }
+                }
+                Err(StoreError::Unavailable(reason)) => {
+                    tracing::warn!(
+                        reason,
+                        events = decoded.len(),
+                        "read model unavailable; retrying the batch"
+                    );
+                }
+            }
+            // Keep the broker from redelivering while we retry.
+            for message in batch {
+                let _ = message.ack_with(AckKind::Progress).await;
+            }
+            tokio::select! {
+                () = shutdown.as_mut() => return Ok(None),
+                () = tokio::time::sleep(RETRY_DELAY) => {}
+            }
+        }
+    }
+
+    /// Applies a refused batch event by event; an event refused [`MAX_REFUSALS`] times on its
+    /// own goes to the dead-letter stream and the projection moves past it.
+    #[allow(clippy::too_many_arguments)]
+    async fn apply_one_by_one<F: std::future::Future<Output = ()>>(
+        &self,
+        dead_letters: &DeadLetters,
+        decoded: &[(u64, Event)],
+        through: u64,
+        by_sequence: &HashMap<u64, &Message>,
+        metrics: &RunnerMetrics,
+        batch: &[Message],
+        shutdown: &mut Shutdown<'_, F>,
+    ) -> Result<Option<usize>, SubscriptionEnd> {
+        let mut applied = 0;
+        for (index, (sequence, _)) in decoded.iter().enumerate() {
+            let single = &decoded[index..=index];
+            match self
+                .apply_with_retries(single, *sequence, batch, shutdown)
+                .await
+            {
+                Ok(Some(count)) => applied += count,
+                Ok(None) => return Ok(None),
+                Err(Isolate) => {
+                    let Some(message) = by_sequence.get(sequence) else {
+                        continue;
+                    };
+                    dead_letters
+                        .send(
+                            message,
+                            *sequence,
+                            "refused by the read model after retries",
+                        )
+                        .await
+                        .map_err(SubscriptionEnd::Failed)?;
+                    metrics.dead_letters.add(
+                        1,
+                        &[
+                            KeyValue::new("projection", self.projection().as_str()),
+                            KeyValue::new("reason", "refused"),
+                        ],
+                    );
+                    // Move the checkpoint past the dead letter.
+                    match self
+                        .apply_with_retries(&[], *sequence, batch, shutdown)
+                        .await
+                    {
+                        Ok(Some(_)) => {}
+                        Ok(None) => return Ok(None),
+                        Err(Isolate) => {
+                            return Err(SubscriptionEnd::Failed(anyhow::anyhow!(
+                                "the read model refuses to move its checkpoint"
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+        match self.apply_with_retries(&[], through, batch, shutdown).await {
+            Ok(result) => Ok(result.map(|_| applied)),
+            Err(Isolate) => Err(SubscriptionEnd::Failed(anyhow::anyhow!(
+                "the read model refuses to move its checkpoint"
+            ))),
+        }
+    }
+}
+
+/// A batch refused too often: apply it event by event.
+struct Isolate;
+
+/// The cache entries a batch made stale: every aggregate it touched, on both sides of an
+/// enrollment (a course's cached entry lists its students, and the other way round).
+pub fn cache_keys(names: &StreamNames, batch: &[(u64, Event)]) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    for (_, event) in batch {
+        let meta = &event.metadata;
+        keys.insert(names.cache_key(meta.aggregate_kind, meta.aggregate_id));
+        if let EventPayload::StudentEnrolled(e) | EventPayload::StudentUnenrolled(e) =
+            &event.payload
+        {
+            keys.insert(names.cache_key(AggregateKind::Student, e.student_id));
+            keys.insert(names.cache_key(AggregateKind::Course, e.course_id));
+        }
+    }
+    keys
 }

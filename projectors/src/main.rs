@@ -1,6 +1,11 @@
+use std::sync::Arc;
+
 use anyhow::Context;
 use clap::Parser;
-use projectors::{Config, HealthState, PgStudents, ProjectionRunner};
+use projectors::redis_cache::RedisInvalidator;
+use projectors::{
+    Config, CourseStore, HealthState, PgStudents, ProjectionProgress, ProjectionRunner,
+};
 use tokio::sync::watch;
 
 #[tokio::main]
@@ -8,9 +13,27 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     service_kit::logging::init();
     let nats = config.nats.connect("projectors").await?;
-    let store = PgStudents::connect(&config.database_url)
+    let jetstream = async_nats::jetstream::new(nats.clone());
+    let students = PgStudents::connect(&config.database_url)
         .await
         .context("connecting to DATABASE_URL and migrating")?;
+    let courses_url = config
+        .courses_store_url
+        .as_deref()
+        .unwrap_or(&config.database_url);
+    let courses = CourseStore::connect(courses_url)
+        .await
+        .context("connecting to COURSES_STORE_URL")?;
+    let cache = |projection: &'static str| -> anyhow::Result<Option<Arc<RedisInvalidator>>> {
+        config
+            .redis_url
+            .as_deref()
+            .map(|url| RedisInvalidator::new(url, projection).map(Arc::new))
+            .transpose()
+            .context("REDIS_URL")
+    };
+    let progress = Arc::new(ProjectionProgress::default());
+    progress.register_gauges();
 
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
@@ -23,26 +46,43 @@ async fn main() -> anyhow::Result<()> {
         listener,
         projectors::health_router(HealthState {
             nats: nats.clone(),
-            store: store.clone(),
+            students: students.clone(),
+            courses: courses.clone(),
+            progress: progress.clone(),
         }),
     )
     .with_graceful_shutdown(stopped(stop_rx.clone()));
     let health = tokio::spawn(async move { health.await });
 
-    let runner = ProjectionRunner {
-        jetstream: async_nats::jetstream::new(nats.clone()),
+    let batch_size = usize::from(config.batch_size);
+    let students_runner = ProjectionRunner {
+        jetstream: jetstream.clone(),
         names: config.stream_prefix.clone(),
-        store,
-        batch_size: usize::from(config.batch_size),
+        store: students,
+        batch_size,
+        cache: cache("students")?,
+        progress: progress.clone(),
+    };
+    let courses_runner = ProjectionRunner {
+        jetstream,
+        names: config.stream_prefix.clone(),
+        store: courses,
+        batch_size,
+        cache: cache("courses")?,
+        progress,
     };
     tracing::info!(addr = %config.listen_addr, "projectors running");
-    let projection = tokio::spawn(runner.run(stopped(stop_rx)));
+    let students_task = tokio::spawn(students_runner.run(stopped(stop_rx.clone())));
+    let courses_task = tokio::spawn(courses_runner.run(stopped(stop_rx)));
 
     service_kit::shutdown::signal().await;
     let _ = stop_tx.send(true);
-    let result = projection.await.context("projection task panicked")?;
+    let students_result = students_task
+        .await
+        .context("students projection panicked")?;
+    let courses_result = courses_task.await.context("courses projection panicked")?;
     health.await.context("health task panicked")??;
     // Acks are fire-and-forget publishes: flush them before exiting.
     nats.flush().await.context("flushing acks")?;
-    result
+    students_result.and(courses_result)
 }

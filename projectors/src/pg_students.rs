@@ -4,21 +4,12 @@
 use events::{Event, EventPayload, Projection};
 use sqlx::{PgPool, Postgres, Transaction};
 
+use crate::store::{BatchOutcome, ProjectionStore, StoreError};
+
 /// Applies batches of student events, each batch in one transaction with its checkpoint.
 #[derive(Clone)]
 pub struct PgStudents {
     pool: PgPool,
-}
-
-/// How a batch went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct BatchOutcome {
-    /// Events whose effect was written now.
-    pub applied: usize,
-    /// Events at or below the checkpoint: already applied before (re-delivery).
-    pub skipped: usize,
-    /// The checkpoint after the batch.
-    pub checkpoint: u64,
 }
 
 const PROJECTION: Projection = Projection::Students;
@@ -45,13 +36,7 @@ impl PgStudents {
 
     /// Last stream sequence applied (0 before the first event).
     pub async fn checkpoint(&self) -> Result<u64, sqlx::Error> {
-        let row: Option<i64> = sqlx::query_scalar(
-            "SELECT last_sequence FROM projection_checkpoints WHERE projection = $1",
-        )
-        .bind(PROJECTION.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map_or(0, sequence_from_db))
+        read_checkpoint(&self.pool, PROJECTION).await
     }
 
     /// Applies `(stream sequence, event)` pairs in stream order, in one transaction, skipping
@@ -63,15 +48,8 @@ impl PgStudents {
         through_sequence: u64,
     ) -> Result<BatchOutcome, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        // The row lock serialises writers of this projection's checkpoint.
-        let checkpoint: Option<i64> = sqlx::query_scalar(
-            "SELECT last_sequence FROM projection_checkpoints WHERE projection = $1 FOR UPDATE",
-        )
-        .bind(PROJECTION.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
         let mut outcome = BatchOutcome {
-            checkpoint: checkpoint.map_or(0, sequence_from_db),
+            checkpoint: lock_checkpoint(&mut tx, PROJECTION).await?,
             ..BatchOutcome::default()
         };
         for (sequence, event) in batch {
@@ -84,18 +62,79 @@ impl PgStudents {
         }
         if through_sequence > outcome.checkpoint {
             outcome.checkpoint = through_sequence;
-            sqlx::query(
-                "INSERT INTO projection_checkpoints (projection, last_sequence) VALUES ($1, $2)
-                 ON CONFLICT (projection) DO UPDATE SET last_sequence = EXCLUDED.last_sequence",
-            )
-            .bind(PROJECTION.as_str())
-            .bind(sequence_to_db(outcome.checkpoint))
-            .execute(&mut *tx)
-            .await?;
+            write_checkpoint(&mut tx, PROJECTION, through_sequence).await?;
         }
         tx.commit().await?;
         Ok(outcome)
     }
+}
+
+impl ProjectionStore for PgStudents {
+    fn projection(&self) -> Projection {
+        PROJECTION
+    }
+
+    async fn checkpoint(&self) -> Result<u64, StoreError> {
+        Ok(PgStudents::checkpoint(self).await?)
+    }
+
+    async fn apply_batch(
+        &self,
+        batch: &[(u64, Event)],
+        through_sequence: u64,
+    ) -> Result<BatchOutcome, StoreError> {
+        Ok(PgStudents::apply_batch(self, batch, through_sequence).await?)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+/// The checkpoint of `projection` (0 before the first batch).
+pub(crate) async fn read_checkpoint(
+    pool: &PgPool,
+    projection: Projection,
+) -> Result<u64, sqlx::Error> {
+    let row: Option<i64> = sqlx::query_scalar(
+        "SELECT last_sequence FROM projection_checkpoints WHERE projection = $1",
+    )
+    .bind(projection.as_str())
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map_or(0, sequence_from_db))
+}
+
+/// Reads the checkpoint inside a batch transaction, locking its row: writers of one
+/// projection's checkpoint are serialised.
+pub(crate) async fn lock_checkpoint(
+    tx: &mut Transaction<'_, Postgres>,
+    projection: Projection,
+) -> Result<u64, sqlx::Error> {
+    let row: Option<i64> = sqlx::query_scalar(
+        "SELECT last_sequence FROM projection_checkpoints WHERE projection = $1 FOR UPDATE",
+    )
+    .bind(projection.as_str())
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row.map_or(0, sequence_from_db))
+}
+
+pub(crate) async fn write_checkpoint(
+    tx: &mut Transaction<'_, Postgres>,
+    projection: Projection,
+    sequence: u64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO projection_checkpoints (projection, last_sequence) VALUES ($1, $2)
+         ON CONFLICT (projection) DO UPDATE SET last_sequence = EXCLUDED.last_sequence",
+    )
+    .bind(projection.as_str())
+    .bind(sequence_to_db(sequence))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 async fn apply_event(
@@ -190,10 +229,10 @@ async fn bump_version(
 }
 
 /// Stream sequences fit in i64 for any stream that will ever exist (2^63 messages).
-fn sequence_to_db(sequence: u64) -> i64 {
+pub(crate) fn sequence_to_db(sequence: u64) -> i64 {
     i64::try_from(sequence).unwrap_or(i64::MAX)
 }
 
-fn sequence_from_db(sequence: i64) -> u64 {
+pub(crate) fn sequence_from_db(sequence: i64) -> u64 {
     u64::try_from(sequence).unwrap_or(0)
 }

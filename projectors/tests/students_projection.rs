@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use events::{AggregateKind, Enrollment, Event, EventMetadata, EventPayload, StudentDetails};
-use projectors::{PgStudents, ProjectionRunner};
+use std::sync::Arc;
+
+use projectors::{PgStudents, ProjectionProgress, ProjectionRunner, ProjectionStore};
 use test_support::{TestBroker, TestDatabase, eventually};
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -179,12 +181,14 @@ struct RunningProjection {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
-fn start_projection(broker: &TestBroker, store: &PgStudents) -> RunningProjection {
+fn start_projection<S: ProjectionStore>(broker: &TestBroker, store: &S) -> RunningProjection {
     let runner = ProjectionRunner {
         jetstream: broker.jetstream.clone(),
         names: broker.names.clone(),
         store: store.clone(),
         batch_size: 100,
+        cache: None,
+        progress: Arc::new(ProjectionProgress::default()),
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(runner.run(async move {
@@ -232,7 +236,7 @@ async fn the_runner_projects_live_events_and_resumes_after_a_restart_without_dou
     }
     let running = start_projection(&broker, &store);
     eventually(10, "3 students projected", || async {
-        (store.checkpoint().await.ok()? == last).then_some(())
+        (PgStudents::checkpoint(&store).await.ok()? == last).then_some(())
     })
     .await;
     assert_eq!(student_count(&store).await, 3);
@@ -251,7 +255,7 @@ async fn the_runner_projects_live_events_and_resumes_after_a_restart_without_dou
     }
     let running = start_projection(&broker, &store);
     eventually(10, "5 students projected", || async {
-        (store.checkpoint().await.ok()? == last).then_some(())
+        (PgStudents::checkpoint(&store).await.ok()? == last).then_some(())
     })
     .await;
     running.stop().await;
@@ -285,7 +289,7 @@ async fn a_garbage_message_is_dead_lettered_and_later_events_still_apply() {
 
     let running = start_projection(&broker, &store);
     eventually(10, "the valid event projected", || async {
-        (store.checkpoint().await.ok()? == last).then_some(())
+        (PgStudents::checkpoint(&store).await.ok()? == last).then_some(())
     })
     .await;
     running.stop().await;

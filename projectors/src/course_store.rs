@@ -1,0 +1,80 @@
+//! The course-store port: the courses read model on whichever database the URL names.
+//! `postgres://` (a JSONB document table, the local default) or `mongodb://` (production).
+
+use events::{Event, Projection};
+use uuid::Uuid;
+
+use crate::course_document::CourseDocument;
+use crate::mongo_courses::MongoCourses;
+use crate::pg_courses::PgCourses;
+use crate::store::{BatchOutcome, ProjectionStore, StoreError};
+
+/// A course store chosen at start by URL scheme.
+#[derive(Clone)]
+pub enum CourseStore {
+    Postgres(PgCourses),
+    Mongo(MongoCourses),
+}
+
+impl CourseStore {
+    /// Connects to the store the URL names, creating its schema if needed.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let scheme = url.split("://").next().unwrap_or_default();
+        match scheme {
+            "postgres" | "postgresql" => Ok(CourseStore::Postgres(PgCourses::connect(url).await?)),
+            "mongodb" | "mongodb+srv" => Ok(CourseStore::Mongo(MongoCourses::connect(url).await?)),
+            other => anyhow::bail!(
+                "COURSES_STORE_URL has scheme {other:?}; expected postgres:// or mongodb://"
+            ),
+        }
+    }
+
+    pub async fn get(&self, id: Uuid) -> Result<Option<CourseDocument>, StoreError> {
+        match self {
+            CourseStore::Postgres(store) => store.get(id).await,
+            CourseStore::Mongo(store) => store.get(id).await,
+        }
+    }
+
+    pub async fn list(
+        &self,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<CourseDocument>, StoreError> {
+        match self {
+            CourseStore::Postgres(store) => store.list(after, limit).await,
+            CourseStore::Mongo(store) => store.list(after, limit).await,
+        }
+    }
+}
+
+impl ProjectionStore for CourseStore {
+    fn projection(&self) -> Projection {
+        Projection::Courses
+    }
+
+    async fn checkpoint(&self) -> Result<u64, StoreError> {
+        match self {
+            CourseStore::Postgres(store) => store.checkpoint().await,
+            CourseStore::Mongo(store) => store.checkpoint().await,
+        }
+    }
+
+    async fn apply_batch(
+        &self,
+        batch: &[(u64, Event)],
+        through_sequence: u64,
+    ) -> Result<BatchOutcome, StoreError> {
+        match self {
+            CourseStore::Postgres(store) => store.apply_batch(batch, through_sequence).await,
+            CourseStore::Mongo(store) => store.apply_batch(batch, through_sequence).await,
+        }
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            CourseStore::Postgres(store) => store.ping().await,
+            CourseStore::Mongo(store) => store.ping().await,
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! The course-store adapter for MongoDB: one document per course with its student ids.
+//!
+//! No multi-document transaction (so no replica set is needed): each document carries the
+//! stream sequence of its last applied event, and a write only replaces a document whose
+//! version is older. The checkpoint is written after the documents; after a crash between
+//! the two, the re-delivered events are skipped document by document.
+
+use std::collections::HashMap;
+
+use events::{Event, Projection};
+use futures::TryStreamExt;
+use mongodb::bson::doc;
+use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::{Client, Collection, Database, IndexModel};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::course_document::{self, CourseDocument};
+use crate::store::{BatchOutcome, ProjectionStore, StoreError};
+
+const PROJECTION: Projection = Projection::Courses;
+/// MongoDB's duplicate-key error: an upsert lost to a newer stored version.
+const DUPLICATE_KEY: i32 = 11000;
+
+/// The stored shape: ids as canonical text, so documents read well in any MongoDB tool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredCourse {
+    #[serde(rename = "_id")]
+    id: String,
+    name: String,
+    description: String,
+    discipline: String,
+    teacher: String,
+    student_ids: Vec<String>,
+    version: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredCheckpoint {
+    #[serde(rename = "_id")]
+    projection: String,
+    last_sequence: i64,
+}
+
+impl From<&CourseDocument> for StoredCourse {
+    fn from(doc: &CourseDocument) -> Self {
+        StoredCourse {
+            id: doc.id.to_string(),
+            name: doc.name.clone(),
+            description: doc.description.clone(),
+            discipline: doc.discipline.clone(),
+            teacher: doc.teacher.clone(),
+            student_ids: doc.student_ids.iter().map(Uuid::to_string).collect(),
+            version: i64::try_from(doc.version).unwrap_or(i64::MAX),
+        }
+    }
+}
+
+impl TryFrom<StoredCourse> for CourseDocument {
+    type Error = StoreError;
+
+    fn try_from(stored: StoredCourse) -> Result<Self, StoreError> {
+        let uuid = |text: &str| {
+            Uuid::parse_str(text)
+                .map_err(|_| StoreError::Refused(format!("stored id {text:?} is not a UUID")))
+        };
+        Ok(CourseDocument {
+            id: uuid(&stored.id)?,
+            name: stored.name,
+            description: stored.description,
+            discipline: stored.discipline,
+            teacher: stored.teacher,
+            student_ids: stored
+                .student_ids
+                .iter()
+                .map(|s| uuid(s))
+                .collect::<Result<_, _>>()?,
+            version: u64::try_from(stored.version).unwrap_or(0),
+        })
+    }
+}
+
+impl From<mongodb::error::Error> for StoreError {
+    fn from(error: mongodb::error::Error) -> Self {
+        match *error.kind {
+            ErrorKind::Write(_)
+            | ErrorKind::InvalidArgument { .. }
+            | ErrorKind::BsonDeserialization(_)
+            | ErrorKind::BsonSerialization(_) => StoreError::Refused(error.to_string()),
+            _ => StoreError::Unavailable(error.to_string()),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct MongoCourses {
+    database: Database,
+    courses: Collection<StoredCourse>,
+    checkpoints: Collection<StoredCheckpoint>,
+}
+
+impl MongoCourses {
+    /// Connects to the database the URL names (default `school`) and creates the indexes.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let client = Client::with_uri_str(url).await?;
+        let database = client
+            .default_database()
+            .unwrap_or_else(|| client.database("school"));
+        let courses = database.collection::<StoredCourse>("courses");
+        // Which courses a student is in, without scanning every course.
+        courses
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "student_ids": 1 })
+                    .build(),
+            )
+            .await?;
+        Ok(MongoCourses {
+            checkpoints: database.collection("projection_checkpoints"),
+            courses,
+            database,
+        })
+    }
+
+    pub async fn get(&self, id: Uuid) -> Result<Option<CourseDocument>, StoreError> {
+        self.courses
+            .find_one(doc! { "_id": id.to_string() })
+            .await?
+            .map(CourseDocument::try_from)
+            .transpose()
+    }
+
+    /// Up to `limit` courses with ids after `after`, in id order (canonical UUID text sorts
+    /// like the UUID itself).
+    pub async fn list(
+        &self,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<CourseDocument>, StoreError> {
+        let filter = match after {
+            Some(after) => doc! { "_id": { "$gt": after.to_string() } },
+            None => doc! {},
+        };
+        let stored: Vec<StoredCourse> = self
+            .courses
+            .find(filter)
+            .sort(doc! { "_id": 1 })
+            .limit(i64::from(limit))
+            .await?
+            .try_collect()
+            .await?;
+        stored.into_iter().map(CourseDocument::try_from).collect()
+    }
+}
+
+impl ProjectionStore for MongoCourses {
+    fn projection(&self) -> Projection {
+        PROJECTION
+    }
+
+    async fn checkpoint(&self) -> Result<u64, StoreError> {
+        let stored = self
+            .checkpoints
+            .find_one(doc! { "_id": PROJECTION.as_str() })
+            .await?;
+        Ok(stored.map_or(0, |c| u64::try_from(c.last_sequence).unwrap_or(0)))
+    }
+
+    async fn apply_batch(
+        &self,
+        batch: &[(u64, Event)],
+        through_sequence: u64,
+    ) -> Result<BatchOutcome, StoreError> {
+        let checkpoint = ProjectionStore::checkpoint(self).await?;
+        let fresh: Vec<&(u64, Event)> = batch.iter().filter(|(seq, _)| *seq > checkpoint).collect();
+        let mut outcome = BatchOutcome {
+            applied: fresh.len(),
+            skipped: batch.len() - fresh.len(),
+            checkpoint,
+        };
+        let ids: Vec<String> = fresh
+            .iter()
+            .map(|(_, e)| e.metadata.aggregate_id.to_string())
+            .collect();
+        let stored: Vec<StoredCourse> = self
+            .courses
+            .find(doc! { "_id": { "$in": &ids } })
+            .await?
+            .try_collect()
+            .await?;
+        let mut before: HashMap<Uuid, CourseDocument> = HashMap::new();
+        for doc in stored {
+            let doc = CourseDocument::try_from(doc)?;
+            before.insert(doc.id, doc);
+        }
+        let mut after: HashMap<Uuid, Option<CourseDocument>> = HashMap::new();
+        for (sequence, event) in fresh {
+            let id = event.metadata.aggregate_id;
+            let current = match after.remove(&id) {
+                Some(current) => current,
+                None => before.get(&id).cloned(),
+            };
+            after.insert(
+                id,
+                course_document::fold(current, id, *sequence, &event.payload),
+            );
+        }
+        for (id, document) in after {
+            match document {
+                Some(doc) if before.get(&id).is_some_and(|b| b.version >= doc.version) => {}
+                Some(doc) => {
+                    let version = i64::try_from(doc.version).unwrap_or(i64::MAX);
+                    let result = self
+                        .courses
+                        .replace_one(
+                            doc! { "_id": id.to_string(), "version": { "$lt": version } },
+                            StoredCourse::from(&doc),
+                        )
+                        .upsert(true)
+                        .await;
+                    match result {
+                        Ok(_) => {}
+                        // A newer version is stored already: this write was applied before.
+                        Err(error) if is_duplicate_key(&error) => {}
+                        Err(error) => return Err(error.into()),
+                    }
+                }
+                None => {
+                    if before.contains_key(&id) {
+                        self.courses
+                            .delete_one(doc! { "_id": id.to_string() })
+                            .await?;
+                    }
+                }
+            }
+        }
+        if through_sequence > checkpoint {
+            outcome.checkpoint = through_sequence;
+            self.checkpoints
+                .update_one(
+                    doc! { "_id": PROJECTION.as_str() },
+                    doc! { "$max": { "last_sequence": i64::try_from(through_sequence).unwrap_or(i64::MAX) } },
+                )
+                .upsert(true)
+                .await?;
+        }
+        Ok(outcome)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.database.run_command(doc! { "ping": 1 }).await?;
+        Ok(())
+    }
+}
+
+fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
+    matches!(
+        &*error.kind,
+        ErrorKind::Write(WriteFailure::WriteError(e)) if e.code == DUPLICATE_KEY
+    )
+}

@@ -1,0 +1,177 @@
+//! Redis invalidation against a real redis-server started (and stopped) by the test:
+//! entries are deleted after each commit, and a Redis outage never holds the projection up.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use events::{AggregateKind, Event, EventMetadata, EventPayload, StudentDetails};
+use projectors::redis_cache::RedisInvalidator;
+use projectors::{PgStudents, ProjectionProgress, ProjectionRunner};
+use redis::AsyncCommands;
+use test_support::{TestBroker, TestDatabase, eventually};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+/// A private redis-server on a free port; killed on drop.
+struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    fn start(port: u16) -> RedisServer {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (scripts/dev installs it)");
+        RedisServer {
+            port,
+            child: Some(child),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+async fn connect(url: &str) -> redis::aio::MultiplexedConnection {
+    eventually(10, "redis to accept connections", || async {
+        let client = redis::Client::open(url).ok()?;
+        client.get_multiplexed_async_connection().await.ok()
+    })
+    .await
+}
+
+fn registered(id: Uuid) -> Event {
+    Event {
+        metadata: EventMetadata {
+            event_id: Uuid::now_v7(),
+            aggregate_kind: AggregateKind::Student,
+            aggregate_id: id,
+            occurred_at: chrono::Utc::now(),
+            correlation_id: Uuid::now_v7(),
+            causation_id: Uuid::now_v7(),
+            trace: Default::default(),
+        },
+        payload: EventPayload::StudentRegistered(StudentDetails {
+            name: "Ada L".into(),
+            first_name: "Ada".into(),
+            last_name: "Lovelace".into(),
+        }),
+    }
+}
+
+async fn publish(broker: &TestBroker, id: Uuid) -> u64 {
+    broker
+        .jetstream
+        .publish(
+            broker.names.aggregate_subject(AggregateKind::Student, id),
+            events::encode(&registered(id)).into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("ack")
+        .sequence
+}
+
+#[tokio::test]
+async fn entries_are_deleted_after_commit_and_a_redis_outage_does_not_stop_the_projection() {
+    let mut redis = RedisServer::start(free_port());
+    let mut conn = connect(&redis.url()).await;
+    let broker = TestBroker::start().await;
+    let db = TestDatabase::create().await;
+    let store = PgStudents::with_pool(db.pool.clone())
+        .await
+        .expect("migrated");
+    let cache = Arc::new(RedisInvalidator::new(&redis.url(), "students").expect("redis url"));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let runner = ProjectionRunner {
+        jetstream: broker.jetstream.clone(),
+        names: broker.names.clone(),
+        store: store.clone(),
+        batch_size: 50,
+        cache: Some(cache.clone()),
+        progress: Arc::new(ProjectionProgress::default()),
+    };
+    let task = tokio::spawn(runner.run(async move {
+        let _ = stopped.await;
+    }));
+    let key = |id| broker.names.cache_key(AggregateKind::Student, id);
+
+    // Up: a cached entry of a changed student is deleted after the commit.
+    let ada = Uuid::now_v7();
+    let _: () = conn.set(key(ada), "stale").await.expect("set");
+    let applied = publish(&broker, ada).await;
+    eventually(10, "ada's entry deleted", || async {
+        let checkpoint = store.checkpoint().await.ok()?;
+        let exists: bool = conn.clone().exists(key(ada)).await.ok()?;
+        (checkpoint >= applied && !exists).then_some(())
+    })
+    .await;
+
+    // Down: the projection keeps going.
+    redis.stop();
+    let grace = Uuid::now_v7();
+    let applied = publish(&broker, grace).await;
+    eventually(10, "grace projected while redis is down", || async {
+        (store.checkpoint().await.ok()? >= applied).then_some(())
+    })
+    .await;
+    assert!(cache.pending().await >= 1, "grace's key waits for redis");
+
+    // Back: the key missed during the outage is deleted with a later batch.
+    let redis = RedisServer::start(redis.port);
+    let mut conn = connect(&redis.url()).await;
+    let _: () = conn.set(key(grace), "stale").await.expect("set");
+    eventually(
+        15,
+        "grace's entry deleted after redis came back",
+        || async {
+            publish(&broker, Uuid::now_v7()).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let exists: bool = conn.clone().exists(key(grace)).await.ok()?;
+            (!exists).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(cache.pending().await, 0);
+
+    let _ = stop.send(());
+    task.await.expect("no panic").expect("clean exit");
+    db.cleanup().await;
+    broker.cleanup().await;
+}
