@@ -321,3 +321,75 @@ async fn a_garbage_message_is_dead_lettered_and_later_events_still_apply() {
     db.cleanup().await;
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn events_fetched_but_never_committed_by_a_dead_projector_are_applied_in_order_by_the_next() {
+    let broker = TestBroker::start().await;
+    let db = TestDatabase::create().await;
+    let store = PgStudents::with_pool(db.pool.clone())
+        .await
+        .expect("migrated");
+    let mut ids = Vec::new();
+    for n in 0..10 {
+        let id = Uuid::now_v7();
+        ids.push(id);
+        publish(
+            &broker,
+            id,
+            events::encode(&registered(id, &format!("Early {n}"))).into(),
+        )
+        .await;
+    }
+    // A projector fetches five events and dies before committing them: they stay delivered
+    // and unacked, and the broker would hand them out again only after ack_wait (30 s).
+    let consumer: async_nats::jetstream::consumer::PullConsumer = broker
+        .jetstream
+        .get_consumer_from_stream(
+            broker
+                .names
+                .projection_consumer(events::Projection::Students),
+            broker.names.event_stream(),
+        )
+        .await
+        .expect("consumer");
+    let mut fetched = consumer
+        .fetch()
+        .max_messages(5)
+        .messages()
+        .await
+        .expect("fetch");
+    let mut taken = 0;
+    while let Some(message) = futures::StreamExt::next(&mut fetched).await {
+        message.expect("message");
+        taken += 1;
+    }
+    assert_eq!(taken, 5);
+    drop(fetched);
+    let mut last = 0;
+    for n in 0..5 {
+        let id = Uuid::now_v7();
+        ids.push(id);
+        last = publish(
+            &broker,
+            id,
+            events::encode(&registered(id, &format!("Late {n}"))).into(),
+        )
+        .await;
+    }
+    // The next projector must not let the later events overtake the five.
+    let running = start_projection(&broker, &store);
+    eventually(10, "all 15 students projected", || async {
+        (PgStudents::checkpoint(&store).await.ok()? == last).then_some(())
+    })
+    .await;
+    running.stop().await;
+    let projected: Vec<Uuid> = snapshot(&store)
+        .await
+        .into_iter()
+        .map(|row| row.0)
+        .collect();
+    ids.sort();
+    assert_eq!(projected, ids, "nothing skipped");
+    db.cleanup().await;
+    broker.cleanup().await;
+}
