@@ -356,7 +356,27 @@ async fn sigkill_mid_batch_under_load_loses_and_doubles_nothing() {
     let expected_rows: usize = expected.students.values().map(|(_, c)| c.len()).sum();
     assert_eq!(enrollment_rows as usize, expected_rows, "nothing doubled");
 
-    projectors.kill();
+    // SIGTERM: the last projectors process finishes its batch, acks, and exits cleanly.
+    projectors.wait_started().await;
+    let asked = std::time::Instant::now();
+    let terminated = Command::new("kill")
+        .args(["-TERM", &projectors.child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(terminated.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = projectors.child.try_wait().expect("status") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no exit within 10 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+    eprintln!("projectors exited {:?} after SIGTERM", asked.elapsed());
     db.cleanup().await;
     broker.cleanup().await;
 }

@@ -393,3 +393,109 @@ async fn events_fetched_but_never_committed_by_a_dead_projector_are_applied_in_o
     db.cleanup().await;
     broker.cleanup().await;
 }
+
+/// A read model that refuses one particular event, as a bug or a constraint would.
+#[derive(Clone)]
+struct RefusingStore {
+    inner: PgStudents,
+    poison: Uuid,
+}
+
+impl ProjectionStore for RefusingStore {
+    fn projection(&self) -> events::Projection {
+        events::Projection::Students
+    }
+
+    async fn checkpoint(&self) -> Result<u64, projectors::StoreError> {
+        ProjectionStore::checkpoint(&self.inner).await
+    }
+
+    async fn apply_batch(
+        &self,
+        batch: &[(u64, Event)],
+        through_sequence: u64,
+    ) -> Result<projectors::BatchOutcome, projectors::StoreError> {
+        if batch
+            .iter()
+            .any(|(_, e)| e.metadata.event_id == self.poison)
+        {
+            return Err(projectors::StoreError::Refused("poisoned".into()));
+        }
+        ProjectionStore::apply_batch(&self.inner, batch, through_sequence).await
+    }
+
+    async fn ping(&self) -> Result<(), projectors::StoreError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn an_event_the_read_model_keeps_refusing_is_dead_lettered_and_the_rest_applied() {
+    let broker = TestBroker::start().await;
+    let db = TestDatabase::create().await;
+    let inner = PgStudents::with_pool(db.pool.clone())
+        .await
+        .expect("migrated");
+    let (before, poisoned, after) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let poison_event = registered(poisoned, "Poison Ivy");
+    let store = RefusingStore {
+        inner: inner.clone(),
+        poison: poison_event.metadata.event_id,
+    };
+    publish(
+        &broker,
+        before,
+        events::encode(&registered(before, "Before")).into(),
+    )
+    .await;
+    let poison_sequence = publish(&broker, poisoned, events::encode(&poison_event).into()).await;
+    let last = publish(
+        &broker,
+        after,
+        events::encode(&registered(after, "After")).into(),
+    )
+    .await;
+
+    let running = start_projection(&broker, &store);
+    eventually(20, "the projection moved past the poison", || async {
+        (PgStudents::checkpoint(&inner).await.ok()? == last).then_some(())
+    })
+    .await;
+    running.stop().await;
+    let names: Vec<String> = snapshot(&inner)
+        .await
+        .into_iter()
+        .map(|row| row.1)
+        .collect();
+    assert_eq!(names.len(), 2);
+    assert!(names.contains(&"Before".to_owned()) && names.contains(&"After".to_owned()));
+
+    let dead_letters = broker
+        .jetstream
+        .get_stream(broker.names.dead_letter_stream())
+        .await
+        .expect("dead-letter stream");
+    let letter = dead_letters
+        .get_raw_message(1)
+        .await
+        .expect("one dead letter");
+    assert_eq!(
+        letter
+            .headers
+            .get(projectors::dead_letters::ORIGINAL_SEQUENCE_HEADER)
+            .map(|v| v.as_str().to_owned()),
+        Some(poison_sequence.to_string())
+    );
+    let metrics = service_kit::metrics::render();
+    assert!(
+        metrics
+            .contains(r#"projection_dead_letters_total{projection="students",reason="refused"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"projection_events_applied_total{projection="students"} 2"#),
+        "{metrics}"
+    );
+    db.cleanup().await;
+    broker.cleanup().await;
+}
