@@ -1,28 +1,8 @@
 //! The OpenAPI document of the command API (`/openapi.json`, Swagger UI at `/docs`).
 
 use serde::Serialize;
-use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
-use utoipa::{IntoResponses, Modify, OpenApi, ToSchema};
-
-/// An RFC 9457 problem, as every error of this API is answered.
-#[derive(Serialize, ToSchema)]
-pub struct ProblemDoc {
-    /// `urn:school:problem:<rule>`, e.g. `urn:school:problem:course-full`.
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub title: String,
-    pub status: u16,
-    pub detail: Option<String>,
-    /// Every invalid field, for `422`.
-    pub errors: Option<Vec<FieldErrorDoc>>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct FieldErrorDoc {
-    /// The field as sent, e.g. `course_ids[2]`.
-    pub field: String,
-    pub detail: String,
-}
+use service_kit::openapi::{ApiKeySecurity, ProblemDoc};
+use utoipa::{IntoResponses, OpenApi, ToSchema};
 
 /// `{"data": {"id": "…"}}`
 #[derive(Serialize, ToSchema)]
@@ -99,18 +79,6 @@ pub enum CommandErrors {
     /// The event store did not answer; retry.
     #[response(status = 503, content_type = "application/problem+json")]
     Unavailable(ProblemDoc),
-}
-
-struct ApiKeySecurity;
-
-impl Modify for ApiKeySecurity {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "api_key",
-            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("x-api-key"))),
-        );
-    }
 }
 
 #[derive(OpenApi)]

@@ -149,7 +149,9 @@ async fn main() {
         students_n + courses_n,
         published.elapsed().as_secs_f64()
     );
-    let students = PgStudents::with_pool(db.pool.clone()).await.expect("students store");
+    let students = PgStudents::with_pool(db.pool.clone())
+        .await
+        .expect("students store");
     measure(&broker, students, students_n, last_student).await;
     let courses = CourseStore::connect(&db.url).await.expect("courses store");
     measure(&broker, courses, courses_n, last_course).await;

@@ -336,7 +336,9 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             }
         }
         if let Some(cache) = &self.cache {
-            cache.invalidate(cache_keys(&self.names, &decoded)).await;
+            cache
+                .invalidate(last_sequence, cache_keys(&self.names, &decoded))
+                .await;
         }
         Ok(())
     }

@@ -36,6 +36,13 @@ impl CourseStore {
         }
     }
 
+    pub async fn get_many(&self, ids: &[Uuid]) -> Result<Vec<CourseDocument>, StoreError> {
+        match self {
+            CourseStore::Postgres(store) => store.get_many(ids).await,
+            CourseStore::Mongo(store) => store.get_many(ids).await,
+        }
+    }
+
     pub async fn list(
         &self,
         after: Option<Uuid>,

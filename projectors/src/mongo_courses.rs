@@ -130,6 +130,19 @@ impl MongoCourses {
             .transpose()
     }
 
+    /// The documents of `ids` that exist, in id order.
+    pub async fn get_many(&self, ids: &[Uuid]) -> Result<Vec<CourseDocument>, StoreError> {
+        let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        let stored: Vec<StoredCourse> = self
+            .courses
+            .find(doc! { "_id": { "$in": ids } })
+            .sort(doc! { "_id": 1 })
+            .await?
+            .try_collect()
+            .await?;
+        stored.into_iter().map(CourseDocument::try_from).collect()
+    }
+
     /// Up to `limit` courses with ids after `after`, in id order (canonical UUID text sorts
     /// like the UUID itself).
     pub async fn list(

@@ -48,6 +48,17 @@ impl PgCourses {
         Ok(row.map(|Json(doc)| doc))
     }
 
+    /// The documents of `ids` that exist, in id order.
+    pub async fn get_many(&self, ids: &[Uuid]) -> Result<Vec<CourseDocument>, StoreError> {
+        let rows: Vec<Json<CourseDocument>> = sqlx::query_scalar(
+            "SELECT document FROM course_documents WHERE id = ANY($1) ORDER BY id",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|Json(doc)| doc).collect())
+    }
+
     /// Up to `limit` courses with ids after `after`, in id order.
     pub async fn list(
         &self,

@@ -1,4 +1,7 @@
-//! Deletes the query side's Redis entries of the aggregates a batch changed, after commit.
+//! Marks the query side's Redis entries of the aggregates a batch changed as stale, after
+//! commit: each becomes `"<commit position>:~"` (see query-api's `cache.rs`: a reader may
+//! not store a value read at an older position over it, so an entry cannot be put back
+//! stale by a read that raced the commit).
 //!
 //! Redis is a cache: its failure must never hold the projection up. Keys that could not be
 //! deleted are kept (bounded) and retried with the next batch, so an entry is not served
@@ -28,7 +31,12 @@ pub struct RedisInvalidator {
 struct State {
     connection: Option<ConnectionManager>,
     pending: BTreeSet<String>,
+    /// Position of the newest commit whose keys are pending.
+    position: u64,
 }
+
+/// Entries live this long at most (the query side's TTL).
+const TTL_SECONDS: u64 = 300;
 
 impl RedisInvalidator {
     /// Does not connect yet: a Redis that is down at start must not stop the projector.
@@ -44,15 +52,17 @@ impl RedisInvalidator {
         })
     }
 
-    /// Deletes `keys` (and any still pending from earlier failures). Never fails.
-    pub async fn invalidate(&self, keys: impl IntoIterator<Item = String>) {
+    /// Marks `keys` stale as of stream `position` (and any still pending from earlier
+    /// failures). Never fails.
+    pub async fn invalidate(&self, position: u64, keys: impl IntoIterator<Item = String>) {
         let mut state = self.state.lock().await;
         state.pending.extend(keys);
+        state.position = state.position.max(position);
         if state.pending.is_empty() {
             return;
         }
         let keys: Vec<String> = state.pending.iter().cloned().collect();
-        let result = tokio::time::timeout(TIMEOUT, self.delete(&mut state, &keys)).await;
+        let result = tokio::time::timeout(TIMEOUT, self.mark_stale(&mut state, &keys)).await;
         match result {
             Ok(Ok(())) => state.pending.clear(),
             Ok(Err(error)) => self.failed(&mut state, &error.to_string()),
@@ -60,7 +70,7 @@ impl RedisInvalidator {
         }
     }
 
-    async fn delete(&self, state: &mut State, keys: &[String]) -> redis::RedisResult<()> {
+    async fn mark_stale(&self, state: &mut State, keys: &[String]) -> redis::RedisResult<()> {
         if state.connection.is_none() {
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(TIMEOUT))
@@ -69,13 +79,20 @@ impl RedisInvalidator {
             state.connection =
                 Some(ConnectionManager::new_with_config(self.client.clone(), config).await?);
         }
+        let marker = format!("{}:~", state.position);
         let Some(connection) = state.connection.as_mut() else {
             return Ok(());
         };
-        redis::cmd("DEL")
-            .arg(keys)
-            .query_async::<()>(connection)
-            .await
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(&marker)
+                .arg("EX")
+                .arg(TTL_SECONDS)
+                .ignore();
+        }
+        pipe.query_async::<()>(connection).await
     }
 
     fn failed(&self, state: &mut State, error: &str) {

@@ -1,27 +1,58 @@
-//! query-api: serves the read models over REST. It never writes anything.
+//! query-api: serves the read models over REST through a Redis cache. It never writes a
+//! read model (it only fills the cache).
 
+pub mod cache;
 pub mod config;
+pub mod consistency;
+pub mod grpc;
 pub mod http;
+pub mod openapi;
 pub mod pg_students;
+pub mod queries;
+pub mod read_models;
 
 use std::future::Future;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
 
 pub use config::Config;
+pub use queries::Queries;
 
-/// Connects to the read models and builds the router from configuration.
-pub async fn build(config: &Config) -> anyhow::Result<axum::Router> {
+/// Connects to the read models, Redis and NATS (the latter two lazily: reads work without
+/// them) and builds the lookups from configuration.
+pub async fn queries(config: &Config) -> anyhow::Result<Queries> {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(config.database_max_connections)
         .connect(&config.database_url)
         .await
         .context("connecting to DATABASE_URL")?;
-    let state = http::AppState {
+    let courses_url = config
+        .courses_store_url
+        .as_deref()
+        .unwrap_or(&config.database_url);
+    let courses = projectors::CourseStore::connect(courses_url)
+        .await
+        .context("connecting to COURSES_STORE_URL")?;
+    let models = read_models::ReadModels {
         students: pg_students::PgStudents::new(pool),
+        courses,
     };
-    Ok(http::router(state, config.api_keys.clone()))
+    let cache = cache::Cache::new(config.redis_url.as_deref()).context("REDIS_URL")?;
+    let nats = config.nats.connect_in_background("query-api").await?;
+    let consistency = consistency::Consistency::new(
+        models.clone(),
+        Some(nats),
+        config.stream_prefix.clone(),
+        Duration::from_millis(config.consistency_wait_ms),
+    );
+    Ok(Queries::new(
+        models,
+        cache,
+        config.stream_prefix.clone(),
+        consistency,
+    ))
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then finishes in-flight requests.

@@ -6,8 +6,8 @@ use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// A student as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// A student as read from its read model (and cached).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct StudentView {
     pub id: Uuid,
     pub name: String,
@@ -15,7 +15,6 @@ pub struct StudentView {
     pub last_name: String,
     pub course_ids: Vec<Uuid>,
     /// Stream sequence of the last event applied to this student (the ETag).
-    #[serde(skip)]
     pub version: i64,
 }
 
@@ -52,6 +51,28 @@ impl PgStudents {
         let Some(row) = row else { return Ok(None) };
         let mut views = self.with_course_ids(vec![row]).await?;
         Ok(views.pop())
+    }
+
+    /// The students of `ids` that exist, in id order.
+    pub async fn get_many(&self, ids: &[Uuid]) -> Result<Vec<StudentView>, sqlx::Error> {
+        let rows: Vec<StudentRow> = sqlx::query_as(
+            "SELECT id, name, first_name, last_name, version FROM students
+             WHERE id = ANY($1) ORDER BY id",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        self.with_course_ids(rows).await
+    }
+
+    /// The stream position up to which the students projection has applied every event.
+    pub async fn applied_position(&self) -> Result<u64, sqlx::Error> {
+        let position: Option<i64> = sqlx::query_scalar(
+            "SELECT last_sequence FROM projection_checkpoints WHERE projection = 'students'",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(position.map_or(0, |p| u64::try_from(p).unwrap_or(0)))
     }
 
     /// Up to `limit` students with ids after `after`, in id order. Ids are UUID v7, so this

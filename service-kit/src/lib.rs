@@ -8,6 +8,7 @@ pub mod json;
 pub mod logging;
 pub mod metrics;
 pub mod nats;
+pub mod openapi;
 pub mod problem;
 pub mod shutdown;
 

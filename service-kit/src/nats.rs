@@ -35,6 +35,23 @@ pub struct NatsArgs {
 impl NatsArgs {
     /// Connects, naming the connection after the service so it shows in server monitoring.
     pub async fn connect(&self, connection_name: &str) -> anyhow::Result<async_nats::Client> {
+        self.connect_with(connection_name, false).await
+    }
+
+    /// Like [`connect`](Self::connect), but returns at once and keeps connecting in the
+    /// background, for services that can do useful work without NATS.
+    pub async fn connect_in_background(
+        &self,
+        connection_name: &str,
+    ) -> anyhow::Result<async_nats::Client> {
+        self.connect_with(connection_name, true).await
+    }
+
+    async fn connect_with(
+        &self,
+        connection_name: &str,
+        in_background: bool,
+    ) -> anyhow::Result<async_nats::Client> {
         let mut options = async_nats::ConnectOptions::new()
             .name(connection_name)
             .connection_timeout(Duration::from_secs(5))
@@ -63,6 +80,9 @@ impl NatsArgs {
         }
         if self.nats_require_tls {
             options = options.require_tls(true);
+        }
+        if in_background {
+            options = options.retry_on_initial_connect();
         }
         options
             .connect(self.nats_url.as_str())

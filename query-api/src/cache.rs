@@ -1,0 +1,247 @@
+//! Redis cache-aside for single items, TTL 300 s, invalidated by the projectors.
+//!
+//! An entry is `"<position>:<json>"`, where `position` is the stream position the projection
+//! had applied when the value was read (read *before* the value, so the value is at least
+//! that fresh). Projectors do not delete entries: they overwrite them with a stale marker
+//! `"<position>:~"` at the position of their commit, and a reader may only store a value
+//! read at a position at least as high (a compare in a Lua script). So a reader that loaded
+//! a value just before a commit cannot put it back over the projector's marker: no stale
+//! entry outlives its invalidation.
+//!
+//! Concurrent misses of one key in one process load once (single flight). When Redis fails,
+//! reads go straight to the databases for a second before Redis is tried again, and the
+//! `query_cache_requests_total{result="error"}` counter says so.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::Counter;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use service_kit::metrics;
+
+/// Time to live of an entry (SPEC: 300 s).
+pub const TTL_SECONDS: u64 = 300;
+/// A Redis that is slower than this counts as down for this request.
+const TIMEOUT: Duration = Duration::from_millis(100);
+/// After a failure, Redis is left alone this long.
+const BACKOFF: Duration = Duration::from_secs(1);
+
+/// Stores `ARGV[1]:ARGV[2]` unless the key holds an entry from a later position.
+const SET_IF_NOT_OLDER: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current then
+  local position = tonumber(string.match(current, '^(%d+):'))
+  if position and position > tonumber(ARGV[1]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2], 'EX', ARGV[3])
+return 1
+";
+
+/// The stale marker projectors write.
+pub const STALE_MARKER: &str = "~";
+
+pub struct Cache {
+    redis: Option<Redis>,
+    flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    requests: Counter<u64>,
+}
+
+struct Redis {
+    client: redis::Client,
+    connection: tokio::sync::Mutex<Option<ConnectionManager>>,
+    down_until: Mutex<Option<Instant>>,
+    script: redis::Script,
+}
+
+/// What a lookup found.
+enum Lookup<T> {
+    /// A value (or a cached absence) read at this position.
+    Hit(u64, Option<T>),
+    Miss,
+    Unavailable,
+}
+
+impl Cache {
+    /// A cache on `redis_url`, or none. Does not connect yet: a Redis that is down at start
+    /// must not stop the API.
+    pub fn new(redis_url: Option<&str>) -> anyhow::Result<Self> {
+        let redis = match redis_url {
+            Some(url) => Some(Redis {
+                client: redis::Client::open(url)?,
+                connection: tokio::sync::Mutex::new(None),
+                down_until: Mutex::new(None),
+                script: redis::Script::new(SET_IF_NOT_OLDER),
+            }),
+            None => None,
+        };
+        Ok(Cache {
+            redis,
+            flights: Mutex::new(HashMap::new()),
+            requests: metrics::meter()
+                .u64_counter("query.cache.requests")
+                .with_description("Cache lookups by result: hit, miss, error (Redis down), bypass")
+                .build(),
+        })
+    }
+
+    /// The value under `key`, from the cache if an entry read at `min_position` or later
+    /// is there, else from `load` (which returns the value and the position it was read at)
+    /// and stored for the next reader.
+    pub async fn get_or_load<T, F, Fut, E>(
+        &self,
+        key: &str,
+        min_position: u64,
+        load: F,
+    ) -> Result<Option<T>, E>
+    where
+        T: Serialize + DeserializeOwned,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<(u64, Option<T>), E>>,
+    {
+        let Some(redis) = &self.redis else {
+            self.count("bypass");
+            return load().await.map(|(_, value)| value);
+        };
+        match redis.lookup::<T>(key).await {
+            Lookup::Hit(position, value) if position >= min_position => {
+                self.count("hit");
+                return Ok(value);
+            }
+            Lookup::Unavailable => {
+                self.count("error");
+                return load().await.map(|(_, value)| value);
+            }
+            Lookup::Hit(..) | Lookup::Miss => {}
+        }
+        // One load per key at a time in this process; the others then find it cached.
+        let flight = self.flight(key);
+        let _turn = flight.lock().await;
+        if let Lookup::Hit(position, value) = redis.lookup::<T>(key).await
+            && position >= min_position
+        {
+            self.count("hit");
+            return Ok(value);
+        }
+        self.count("miss");
+        let (position, value) = load().await?;
+        redis.store(key, position, &value).await;
+        drop(_turn);
+        self.land(key, &flight);
+        Ok(value)
+    }
+
+    fn count(&self, result: &'static str) {
+        self.requests.add(1, &[KeyValue::new("result", result)]);
+    }
+
+    fn flight(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        flights.entry(key.to_owned()).or_default().clone()
+    }
+
+    /// Forgets a finished flight nobody else waits on.
+    fn land(&self, key: &str, flight: &Arc<tokio::sync::Mutex<()>>) {
+        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        // Ours, plus the map's: nobody else holds it.
+        if Arc::strong_count(flight) <= 2 {
+            flights.remove(key);
+        }
+    }
+}
+
+impl Redis {
+    fn is_down(&self) -> bool {
+        let down_until = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
+        down_until.is_some_and(|until| Instant::now() < until)
+    }
+
+    fn failed(&self, error: &str) {
+        tracing::warn!(error, "redis unavailable; serving from the databases");
+        *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + BACKOFF);
+    }
+
+    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref() {
+            return Ok(connection.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(TIMEOUT))
+            .set_response_timeout(Some(TIMEOUT))
+            .set_number_of_retries(1);
+        let connection = ConnectionManager::new_with_config(self.client.clone(), config).await?;
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    async fn lookup<T: DeserializeOwned>(&self, key: &str) -> Lookup<T> {
+        if self.is_down() {
+            return Lookup::Unavailable;
+        }
+        let result = tokio::time::timeout(TIMEOUT, async {
+            let mut connection = self.connection().await?;
+            redis::cmd("GET")
+                .arg(key)
+                .query_async::<Option<String>>(&mut connection)
+                .await
+        })
+        .await;
+        let entry = match result {
+            Ok(Ok(entry)) => entry,
+            Ok(Err(error)) => {
+                self.failed(&error.to_string());
+                return Lookup::Unavailable;
+            }
+            Err(_) => {
+                self.failed("timed out");
+                return Lookup::Unavailable;
+            }
+        };
+        let Some(entry) = entry else {
+            return Lookup::Miss;
+        };
+        let Some((position, body)) = entry.split_once(':') else {
+            return Lookup::Miss;
+        };
+        let Ok(position) = position.parse::<u64>() else {
+            return Lookup::Miss;
+        };
+        if body == STALE_MARKER {
+            return Lookup::Miss;
+        }
+        match serde_json::from_str::<Option<T>>(body) {
+            Ok(value) => Lookup::Hit(position, value),
+            Err(_) => Lookup::Miss,
+        }
+    }
+
+    async fn store<T: Serialize>(&self, key: &str, position: u64, value: &Option<T>) {
+        if self.is_down() {
+            return;
+        }
+        let Ok(body) = serde_json::to_string(value) else {
+            return;
+        };
+        let result = tokio::time::timeout(TIMEOUT, async {
+            let mut connection = self.connection().await?;
+            self.script
+                .key(key)
+                .arg(position)
+                .arg(body)
+                .arg(TTL_SECONDS)
+                .invoke_async::<i64>(&mut connection)
+                .await
+        })
+        .await;
+        match result {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => self.failed(&error.to_string()),
+            Err(_) => self.failed("timed out"),
+        }
+    }
+}

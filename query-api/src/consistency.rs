@@ -1,0 +1,204 @@
+//! Read-your-writes: a read carrying a consistency token (the stream position a write
+//! returned) waits, bounded, until every projection the read uses has applied it.
+//!
+//! A projection's checkpoint only moves when an event of *its* aggregate kind arrives, so a
+//! token from a course write could wait forever on the students projection. A projection
+//! has therefore "reached" position `P` when its checkpoint is at least `P`, or when the
+//! last event of its kind in the stream (a direct get by wildcard subject, any replica) is
+//! at or below its checkpoint (and `P` is not beyond the stream's end): then every event it
+//! will ever see up to `P` is applied.
+//!
+//! The wait also tells the cache how fresh an entry must be: an entry read at a position at
+//! or after `required` reflects every event of that kind up to the token.
+
+use std::time::Duration;
+
+use events::{Projection, StreamNames};
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram};
+use service_kit::metrics;
+
+use crate::read_models::{ReadError, ReadModels};
+
+/// How long a direct get may take before the stream is treated as unknown for this check.
+const STREAM_CHECK_TIMEOUT: Duration = Duration::from_millis(250);
+/// First and longest pause between two checks.
+const FIRST_PAUSE: Duration = Duration::from_millis(1);
+const LONGEST_PAUSE: Duration = Duration::from_millis(25);
+
+/// Per projection, the position a cached entry must have been read at to be served.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Required {
+    pub students: u64,
+    pub courses: u64,
+}
+
+impl Required {
+    pub fn of(&self, projection: Projection) -> u64 {
+        match projection {
+            Projection::Students => self.students,
+            Projection::Courses => self.courses,
+        }
+    }
+
+    fn set(&mut self, projection: Projection, position: u64) {
+        match projection {
+            Projection::Students => self.students = position,
+            Projection::Courses => self.courses = position,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    #[error("the read model has not reached position {0} in time")]
+    TimedOut(u64),
+    #[error(transparent)]
+    Unavailable(#[from] ReadError),
+}
+
+#[derive(Clone)]
+pub struct Consistency {
+    models: ReadModels,
+    /// Without NATS, only the checkpoints are compared (a token of another kind then waits
+    /// for the next event of this kind, or times out).
+    nats: Option<async_nats::Client>,
+    names: StreamNames,
+    /// `$JS.API.DIRECT.GET.<event stream>`
+    direct_get: String,
+    max_wait: Duration,
+    waits: Counter<u64>,
+    wait_seconds: Histogram<f64>,
+}
+
+impl Consistency {
+    pub fn new(
+        models: ReadModels,
+        nats: Option<async_nats::Client>,
+        names: StreamNames,
+        max_wait: Duration,
+    ) -> Self {
+        let meter = metrics::meter();
+        Consistency {
+            models,
+            nats,
+            direct_get: format!("$JS.API.DIRECT.GET.{}", names.event_stream()),
+            names,
+            max_wait,
+            waits: meter
+                .u64_counter("query.consistency.waits")
+                .with_description(
+                    "Reads that carried a consistency token, by outcome: reached, timeout",
+                )
+                .build(),
+            wait_seconds: metrics::seconds_histogram(
+                "query.consistency.wait.duration",
+                "Time reads with a consistency token spent waiting for the projections",
+            ),
+        }
+    }
+
+    pub fn max_wait(&self) -> Duration {
+        self.max_wait
+    }
+
+    /// Waits until every projection in `projections` has reached `token`.
+    pub async fn wait_for(
+        &self,
+        token: u64,
+        projections: &[Projection],
+    ) -> Result<Required, WaitError> {
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.max_wait;
+        let mut required = Required::default();
+        for &projection in projections {
+            let mut pause = FIRST_PAUSE;
+            loop {
+                if let Some(position) = self.reached(projection, token).await? {
+                    required.set(projection, position);
+                    break;
+                }
+                if tokio::time::Instant::now() + pause > deadline {
+                    self.record("timeout", started);
+                    return Err(WaitError::TimedOut(token));
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(LONGEST_PAUSE);
+            }
+        }
+        self.record("reached", started);
+        Ok(required)
+    }
+
+    fn record(&self, outcome: &'static str, started: tokio::time::Instant) {
+        self.waits.add(1, &[KeyValue::new("outcome", outcome)]);
+        self.wait_seconds.record(
+            started.elapsed().as_secs_f64(),
+            &[KeyValue::new("outcome", outcome)],
+        );
+    }
+
+    /// `Some(required entry position)` once `projection` reflects every event up to `token`.
+    async fn reached(&self, projection: Projection, token: u64) -> Result<Option<u64>, ReadError> {
+        let applied = self.models.applied_position(projection).await?;
+        if applied >= token {
+            return Ok(Some(token));
+        }
+        // Read after the checkpoint: if the newest event of this kind is not newer than the
+        // checkpoint read before, nothing of this kind lies between the checkpoint and the
+        // token, provided the token names an event that is stored (not one from the future).
+        let kind = self
+            .names
+            .aggregate_kind_subjects(projection.source_aggregate());
+        let newest_of_kind = match self.last_sequence(&kind).await {
+            Some(LastEvent::None) => 0,
+            Some(LastEvent::At(last)) if last <= applied => last,
+            Some(LastEvent::At(_)) | None => return Ok(None),
+        };
+        match self.last_sequence(&self.names.event_subjects()).await {
+            Some(LastEvent::At(stream_last)) if token <= stream_last => Ok(Some(newest_of_kind)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The stream sequence of the newest event on `subjects` (wildcards allowed); `None`
+    /// when the stream cannot be asked right now.
+    async fn last_sequence(&self, subjects: &str) -> Option<LastEvent> {
+        let nats = self.nats.as_ref()?;
+        let request = serde_json::json!({ "last_by_subj": subjects });
+        let reply = tokio::time::timeout(
+            STREAM_CHECK_TIMEOUT,
+            nats.request(self.direct_get.clone(), request.to_string().into()),
+        )
+        .await;
+        let message = match reply {
+            Ok(Ok(message)) => message,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "cannot ask the stream for its last event");
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!("asking the stream for its last event timed out");
+                return None;
+            }
+        };
+        if message
+            .status
+            .is_some_and(|status| status == async_nats::StatusCode::NOT_FOUND)
+        {
+            return Some(LastEvent::None);
+        }
+        message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get("Nats-Sequence"))
+            .and_then(|value| value.as_str().parse::<u64>().ok())
+            .map(LastEvent::At)
+    }
+}
+
+enum LastEvent {
+    /// The stream holds no event of this kind.
+    None,
+    At(u64),
+}
