@@ -36,6 +36,17 @@ impl Projection {
     }
 }
 
+impl std::str::FromStr for Projection {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        Projection::ALL
+            .into_iter()
+            .find(|p| p.as_str() == name)
+            .ok_or_else(|| format!("unknown projection {name:?}; expected students or courses"))
+    }
+}
+
 /// Names of the broker objects for one deployment (or one test).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamNames {

@@ -306,7 +306,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             .await;
         let applied = match applied {
             Ok(applied) => applied,
-            Err(Isolate) => {
+            Err(Isolate(_)) => {
                 self.apply_one_by_one(
                     dead_letters,
                     &decoded,
@@ -365,7 +365,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                         "the read model refused the batch"
                     );
                     if refusals >= MAX_REFUSALS {
-                        return Err(Isolate);
+                        return Err(Isolate(reason));
                     }
                 }
                 Err(StoreError::Unavailable(reason)) => {
@@ -409,7 +409,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             {
                 Ok(Some(count)) => applied += count,
                 Ok(None) => return Ok(None),
-                Err(Isolate) => {
+                Err(Isolate(reason)) => {
                     let Some(message) = by_sequence.get(sequence) else {
                         continue;
                     };
@@ -417,7 +417,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                         .send(
                             message,
                             *sequence,
-                            "refused by the read model after retries",
+                            &format!("refused by the read model {MAX_REFUSALS} times: {reason}"),
                         )
                         .await
                         .map_err(SubscriptionEnd::Failed)?;
@@ -435,7 +435,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                     {
                         Ok(Some(_)) => {}
                         Ok(None) => return Ok(None),
-                        Err(Isolate) => {
+                        Err(Isolate(_)) => {
                             return Err(SubscriptionEnd::Failed(anyhow::anyhow!(
                                 "the read model refuses to move its checkpoint"
                             )));
@@ -446,15 +446,15 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         }
         match self.apply_with_retries(&[], through, batch, shutdown).await {
             Ok(result) => Ok(result.map(|_| applied)),
-            Err(Isolate) => Err(SubscriptionEnd::Failed(anyhow::anyhow!(
+            Err(Isolate(_)) => Err(SubscriptionEnd::Failed(anyhow::anyhow!(
                 "the read model refuses to move its checkpoint"
             ))),
         }
     }
 }
 
-/// A batch refused too often: apply it event by event.
-struct Isolate;
+/// A batch refused too often (with the last reason): apply it event by event.
+struct Isolate(String);
 
 /// The cache entries a batch made stale: every aggregate it touched, on both sides of an
 /// enrollment (a course's cached entry lists its students, and the other way round).

@@ -55,6 +55,30 @@ impl CourseStore {
     }
 }
 
+impl CourseStore {
+    /// The Postgres adapter, when that is the one in use (replays need it).
+    pub fn postgres(&self) -> Option<&PgCourses> {
+        match self {
+            CourseStore::Postgres(store) => Some(store),
+            CourseStore::Mongo(_) => None,
+        }
+    }
+
+    /// Replaces one course by the fold of its history up to the checkpoint (redrive).
+    pub async fn rebuild_aggregate(
+        &self,
+        id: Uuid,
+        history: &[(u64, Event)],
+    ) -> Result<usize, StoreError> {
+        match self {
+            CourseStore::Postgres(store) => store.rebuild_aggregate(id, history).await,
+            CourseStore::Mongo(_) => Err(StoreError::Refused(
+                "rebuilding a course is not implemented for the MongoDB course store yet".into(),
+            )),
+        }
+    }
+}
+
 impl ProjectionStore for CourseStore {
     fn projection(&self) -> Projection {
         Projection::Courses

@@ -6,6 +6,7 @@ pub mod consumer;
 pub mod course_document;
 pub mod course_store;
 pub mod dead_letters;
+pub mod generation;
 pub mod mongo_courses;
 pub mod pg_courses;
 pub mod pg_students;

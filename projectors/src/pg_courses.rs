@@ -2,13 +2,15 @@
 //! transaction as the checkpoint. The local stack's default (`postgres://` URL).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use events::{Event, Projection};
-use sqlx::PgPool;
 use sqlx::types::Json;
+use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::course_document::{self, CourseDocument};
+use crate::generation::Generation;
 use crate::pg_students::{lock_checkpoint, read_checkpoint, sequence_to_db, write_checkpoint};
 use crate::store::{BatchOutcome, ProjectionStore, StoreError};
 
@@ -17,6 +19,40 @@ const PROJECTION: Projection = Projection::Courses;
 #[derive(Clone)]
 pub struct PgCourses {
     pool: PgPool,
+    sql: Arc<Statements>,
+}
+
+/// The statements of one generation (table names are ours, never input).
+struct Statements {
+    checkpoint_key: String,
+    get: String,
+    get_many: String,
+    list: String,
+    lock_many: String,
+    upsert: String,
+    delete_many: String,
+}
+
+impl Statements {
+    fn new(generation: Generation) -> Self {
+        let table = generation.table("course_documents");
+        Statements {
+            checkpoint_key: generation.checkpoint_key(PROJECTION),
+            get: format!("SELECT document FROM {table} WHERE id = $1"),
+            get_many: format!("SELECT document FROM {table} WHERE id = ANY($1) ORDER BY id"),
+            list: format!(
+                "SELECT document FROM {table} WHERE $1::uuid IS NULL OR id > $1
+                 ORDER BY id LIMIT $2"
+            ),
+            lock_many: format!("SELECT id, document FROM {table} WHERE id = ANY($1) FOR UPDATE"),
+            upsert: format!(
+                "INSERT INTO {table} (id, document, version)
+                 SELECT * FROM UNNEST($1::uuid[], $2::jsonb[], $3::bigint[])
+                 ON CONFLICT (id) DO UPDATE SET document = EXCLUDED.document, version = EXCLUDED.version"
+            ),
+            delete_many: format!("DELETE FROM {table} WHERE id = ANY($1)"),
+        }
+    }
 }
 
 impl PgCourses {
@@ -31,7 +67,18 @@ impl PgCourses {
 
     pub async fn with_pool(pool: PgPool) -> anyhow::Result<Self> {
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(PgCourses { pool })
+        Ok(PgCourses {
+            pool,
+            sql: Arc::new(Statements::new(Generation::Live)),
+        })
+    }
+
+    /// The same database, writing the tables of `generation` (a replay builds `Next`).
+    pub fn generation(&self, generation: Generation) -> Self {
+        PgCourses {
+            pool: self.pool.clone(),
+            sql: Arc::new(Statements::new(generation)),
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -41,7 +88,7 @@ impl PgCourses {
     /// One course document.
     pub async fn get(&self, id: Uuid) -> Result<Option<CourseDocument>, StoreError> {
         let row: Option<Json<CourseDocument>> =
-            sqlx::query_scalar("SELECT document FROM course_documents WHERE id = $1")
+            sqlx::query_scalar(AssertSqlSafe(self.sql.get.as_str()))
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?;
@@ -50,12 +97,11 @@ impl PgCourses {
 
     /// The documents of `ids` that exist, in id order.
     pub async fn get_many(&self, ids: &[Uuid]) -> Result<Vec<CourseDocument>, StoreError> {
-        let rows: Vec<Json<CourseDocument>> = sqlx::query_scalar(
-            "SELECT document FROM course_documents WHERE id = ANY($1) ORDER BY id",
-        )
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<Json<CourseDocument>> =
+            sqlx::query_scalar(AssertSqlSafe(self.sql.get_many.as_str()))
+                .bind(ids)
+                .fetch_all(&self.pool)
+                .await?;
         Ok(rows.into_iter().map(|Json(doc)| doc).collect())
     }
 
@@ -65,65 +111,64 @@ impl PgCourses {
         after: Option<Uuid>,
         limit: u32,
     ) -> Result<Vec<CourseDocument>, StoreError> {
-        let rows: Vec<Json<CourseDocument>> = sqlx::query_scalar(
-            "SELECT document FROM course_documents WHERE $1::uuid IS NULL OR id > $1
-             ORDER BY id LIMIT $2",
-        )
-        .bind(after)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<Json<CourseDocument>> =
+            sqlx::query_scalar(AssertSqlSafe(self.sql.list.as_str()))
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
         Ok(rows.into_iter().map(|Json(doc)| doc).collect())
     }
 }
 
-impl ProjectionStore for PgCourses {
-    fn projection(&self) -> Projection {
-        PROJECTION
-    }
-
-    async fn checkpoint(&self) -> Result<u64, StoreError> {
-        Ok(read_checkpoint(&self.pool, PROJECTION).await?)
-    }
-
-    /// Reads every touched document once, folds the batch in memory, writes each changed
-    /// document once: two round trips per batch whatever its size.
-    async fn apply_batch(
+impl PgCourses {
+    /// Replaces one course's document by the fold of `history` (every event of its subject,
+    /// in stream order) up to the checkpoint; later events are the live projection's.
+    /// Returns the number of events applied.
+    pub async fn rebuild_aggregate(
         &self,
-        batch: &[(u64, Event)],
-        through_sequence: u64,
-    ) -> Result<BatchOutcome, StoreError> {
+        id: Uuid,
+        history: &[(u64, Event)],
+    ) -> Result<usize, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let mut outcome = BatchOutcome {
-            checkpoint: lock_checkpoint(&mut tx, PROJECTION).await?,
-            ..BatchOutcome::default()
-        };
-        let fresh: Vec<&(u64, Event)> = batch
-            .iter()
-            .filter(|(sequence, _)| *sequence > outcome.checkpoint)
-            .collect();
-        outcome.skipped = batch.len() - fresh.len();
-        outcome.applied = fresh.len();
-        let ids: Vec<Uuid> = fresh.iter().map(|(_, e)| e.metadata.aggregate_id).collect();
-        let stored: Vec<(Uuid, Json<CourseDocument>)> = sqlx::query_as(
-            "SELECT id, document FROM course_documents WHERE id = ANY($1) FOR UPDATE",
-        )
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?;
+        let checkpoint = lock_checkpoint(&mut tx, &self.sql.checkpoint_key).await?;
+        let mut document = None;
+        let mut applied = 0;
+        for (sequence, event) in history.iter().filter(|(seq, _)| *seq <= checkpoint) {
+            document = course_document::fold(document, id, *sequence, &event.payload);
+            applied += 1;
+        }
+        self.write_documents(&mut tx, HashMap::from([(id, document)]))
+            .await?;
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    /// The stored documents of `ids`, locked for the transaction (`None`: none stored).
+    async fn lock_documents(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, Option<CourseDocument>>, sqlx::Error> {
+        let stored: Vec<(Uuid, Json<CourseDocument>)> =
+            sqlx::query_as(AssertSqlSafe(self.sql.lock_many.as_str()))
+                .bind(ids)
+                .fetch_all(&mut **tx)
+                .await?;
         let mut documents: HashMap<Uuid, Option<CourseDocument>> =
             ids.iter().map(|id| (*id, None)).collect();
         for (id, Json(doc)) in stored {
             documents.insert(id, Some(doc));
         }
-        for (sequence, event) in fresh {
-            let id = event.metadata.aggregate_id;
-            let current = documents.remove(&id).flatten();
-            documents.insert(
-                id,
-                course_document::fold(current, id, *sequence, &event.payload),
-            );
-        }
+        Ok(documents)
+    }
+
+    /// Upserts the documents that exist and deletes the ones that do not.
+    async fn write_documents(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        documents: HashMap<Uuid, Option<CourseDocument>>,
+    ) -> Result<(), sqlx::Error> {
         let (mut upsert_ids, mut upsert_docs, mut upsert_versions, mut deletes) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (id, document) in documents {
@@ -137,26 +182,64 @@ impl ProjectionStore for PgCourses {
             }
         }
         if !upsert_ids.is_empty() {
-            sqlx::query(
-                "INSERT INTO course_documents (id, document, version)
-                 SELECT * FROM UNNEST($1::uuid[], $2::jsonb[], $3::bigint[])
-                 ON CONFLICT (id) DO UPDATE SET document = EXCLUDED.document, version = EXCLUDED.version",
-            )
-            .bind(&upsert_ids)
-            .bind(&upsert_docs)
-            .bind(&upsert_versions)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !deletes.is_empty() {
-            sqlx::query("DELETE FROM course_documents WHERE id = ANY($1)")
-                .bind(&deletes)
-                .execute(&mut *tx)
+            sqlx::query(AssertSqlSafe(self.sql.upsert.as_str()))
+                .bind(&upsert_ids)
+                .bind(&upsert_docs)
+                .bind(&upsert_versions)
+                .execute(&mut **tx)
                 .await?;
         }
+        if !deletes.is_empty() {
+            sqlx::query(AssertSqlSafe(self.sql.delete_many.as_str()))
+                .bind(&deletes)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+impl ProjectionStore for PgCourses {
+    fn projection(&self) -> Projection {
+        PROJECTION
+    }
+
+    async fn checkpoint(&self) -> Result<u64, StoreError> {
+        Ok(read_checkpoint(&self.pool, &self.sql.checkpoint_key).await?)
+    }
+
+    /// Reads every touched document once, folds the batch in memory, writes each changed
+    /// document once: two round trips per batch whatever its size.
+    async fn apply_batch(
+        &self,
+        batch: &[(u64, Event)],
+        through_sequence: u64,
+    ) -> Result<BatchOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut outcome = BatchOutcome {
+            checkpoint: lock_checkpoint(&mut tx, &self.sql.checkpoint_key).await?,
+            ..BatchOutcome::default()
+        };
+        let fresh: Vec<&(u64, Event)> = batch
+            .iter()
+            .filter(|(sequence, _)| *sequence > outcome.checkpoint)
+            .collect();
+        outcome.skipped = batch.len() - fresh.len();
+        outcome.applied = fresh.len();
+        let ids: Vec<Uuid> = fresh.iter().map(|(_, e)| e.metadata.aggregate_id).collect();
+        let mut documents = self.lock_documents(&mut tx, &ids).await?;
+        for (sequence, event) in fresh {
+            let id = event.metadata.aggregate_id;
+            let current = documents.remove(&id).flatten();
+            documents.insert(
+                id,
+                course_document::fold(current, id, *sequence, &event.payload),
+            );
+        }
+        self.write_documents(&mut tx, documents).await?;
         if through_sequence > outcome.checkpoint {
             outcome.checkpoint = through_sequence;
-            write_checkpoint(&mut tx, PROJECTION, through_sequence).await?;
+            write_checkpoint(&mut tx, &self.sql.checkpoint_key, through_sequence).await?;
         }
         tx.commit().await?;
         Ok(outcome)

@@ -64,8 +64,6 @@ pub struct Consistency {
     /// for the next event of this kind, or times out).
     nats: Option<async_nats::Client>,
     names: StreamNames,
-    /// `$JS.API.DIRECT.GET.<event stream>`
-    direct_get: String,
     max_wait: Duration,
     waits: Counter<u64>,
     wait_seconds: Histogram<f64>,
@@ -82,7 +80,6 @@ impl Consistency {
         Consistency {
             models,
             nats,
-            direct_get: format!("$JS.API.DIRECT.GET.{}", names.event_stream()),
             names,
             max_wait,
             waits: meter
@@ -165,35 +162,20 @@ impl Consistency {
     /// when the stream cannot be asked right now.
     async fn last_sequence(&self, subjects: &str) -> Option<LastEvent> {
         let nats = self.nats.as_ref()?;
-        let request = serde_json::json!({ "last_by_subj": subjects });
-        let reply = tokio::time::timeout(
-            STREAM_CHECK_TIMEOUT,
-            nats.request(self.direct_get.clone(), request.to_string().into()),
-        )
-        .await;
-        let message = match reply {
-            Ok(Ok(message)) => message,
-            Ok(Err(error)) => {
-                tracing::warn!(%error, "cannot ask the stream for its last event");
-                return None;
-            }
-            Err(_) => {
-                tracing::warn!("asking the stream for its last event timed out");
-                return None;
-            }
-        };
-        if message
-            .status
-            .is_some_and(|status| status == async_nats::StatusCode::NOT_FOUND)
+        let stream = self.names.event_stream();
+        match service_kit::nats::last_sequence_on(nats, &stream, subjects, STREAM_CHECK_TIMEOUT)
+            .await
         {
-            return Some(LastEvent::None);
+            Ok(Some(sequence)) => Some(LastEvent::At(sequence)),
+            Ok(None) => Some(LastEvent::None),
+            Err(error) => {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "cannot ask the stream for its last event"
+                );
+                None
+            }
         }
-        message
-            .headers
-            .as_ref()
-            .and_then(|headers| headers.get("Nats-Sequence"))
-            .and_then(|value| value.as_str().parse::<u64>().ok())
-            .map(LastEvent::At)
     }
 }
 

@@ -91,6 +91,35 @@ impl NatsArgs {
     }
 }
 
+/// The newest message on `subjects` (wildcards allowed) of a stream, by JetStream direct
+/// get (`last_by_subj`, answered by any replica; the stream needs `allow_direct`).
+/// `Ok(None)`: the stream holds no such message.
+pub async fn last_sequence_on(
+    client: &async_nats::Client,
+    stream: &str,
+    subjects: &str,
+    timeout: Duration,
+) -> anyhow::Result<Option<u64>> {
+    let request = serde_json::json!({ "last_by_subj": subjects }).to_string();
+    let message = tokio::time::timeout(
+        timeout,
+        client.request(format!("$JS.API.DIRECT.GET.{stream}"), request.into()),
+    )
+    .await
+    .with_context(|| format!("direct get on {stream} timed out"))?
+    .with_context(|| format!("direct get on {stream}"))?;
+    if message.status == Some(async_nats::StatusCode::NOT_FOUND) {
+        return Ok(None);
+    }
+    let sequence = message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get("Nats-Sequence"))
+        .and_then(|value| value.as_str().parse::<u64>().ok())
+        .with_context(|| format!("direct get on {stream} answered no sequence"))?;
+    Ok(Some(sequence))
+}
+
 /// 100 ms doubling per attempt, capped at 5 s.
 fn reconnect_delay(attempt: usize) -> Duration {
     let exponent = u32::try_from(attempt.min(6)).unwrap_or(6);

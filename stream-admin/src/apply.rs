@@ -15,6 +15,8 @@ use crate::topology::{ConsumerSpec, Topology};
 pub enum Outcome {
     Created,
     Updated(Vec<String>),
+    /// Deleted and created again: the server cannot change these fields in place.
+    Recreated(Vec<String>),
     Unchanged,
 }
 
@@ -23,20 +25,72 @@ pub enum Outcome {
 pub struct Change {
     pub object: String,
     pub outcome: Outcome,
+    /// Why this change loses data or state (empty: it does not).
+    pub destructive: Vec<String>,
 }
 
 impl fmt::Display for Change {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.outcome {
-            Outcome::Created => write!(f, "{}: created", self.object),
-            Outcome::Unchanged => write!(f, "{}: unchanged", self.object),
-            Outcome::Updated(diffs) => write!(f, "{}: updated ({})", self.object, diffs.join(", ")),
+            Outcome::Created => write!(f, "{}: created", self.object)?,
+            Outcome::Unchanged => write!(f, "{}: unchanged", self.object)?,
+            Outcome::Updated(diffs) => {
+                write!(f, "{}: updated ({})", self.object, diffs.join(", "))?
+            }
+            Outcome::Recreated(diffs) => write!(
+                f,
+                "{}: deleted and created again ({})",
+                self.object,
+                diffs.join(", ")
+            )?,
         }
+        if !self.destructive.is_empty() {
+            write!(f, " [destructive: {}]", self.destructive.join("; "))?;
+        }
+        Ok(())
     }
 }
 
-/// Applies `topology`; with `dry_run` only reports what it would do.
+/// How to apply.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApplyOptions {
+    /// Only report what would change.
+    pub dry_run: bool,
+    /// Carry out changes that lose data or consumer state.
+    pub allow_destructive: bool,
+}
+
+/// The definition asks for changes that lose data, and they were not allowed.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "refusing destructive changes (nothing was changed):\n{}\nrun again with --allow-destructive to carry them out",
+    .0.iter().map(|c| format!("  {c}")).collect::<Vec<_>>().join("\n")
+)]
+pub struct DestructiveChanges(pub Vec<Change>);
+
+/// Applies `topology`. Plans every change first; if any is destructive and not allowed,
+/// changes nothing and fails with [`DestructiveChanges`].
 pub async fn apply(
+    jetstream: &jetstream::Context,
+    topology: &Topology,
+    options: ApplyOptions,
+) -> anyhow::Result<Vec<Change>> {
+    let plan = run(jetstream, topology, true).await?;
+    let destructive: Vec<Change> = plan
+        .iter()
+        .filter(|c| !c.destructive.is_empty())
+        .cloned()
+        .collect();
+    if !destructive.is_empty() && !options.allow_destructive {
+        return Err(DestructiveChanges(destructive).into());
+    }
+    if options.dry_run {
+        return Ok(plan);
+    }
+    run(jetstream, topology, false).await
+}
+
+async fn run(
     jetstream: &jetstream::Context,
     topology: &Topology,
     dry_run: bool,
@@ -77,32 +131,78 @@ async fn apply_stream(
     dry_run: bool,
 ) -> anyhow::Result<Change> {
     let object = format!("stream {}", desired.name);
-    let outcome = match existing_stream(jetstream, &desired.name).await? {
-        None => {
-            if !dry_run {
-                jetstream
-                    .create_stream(desired.clone())
-                    .await
-                    .with_context(|| format!("creating {object}"))?;
-            }
-            Outcome::Created
+    let Some(current) = existing_stream(jetstream, &desired.name).await? else {
+        if !dry_run {
+            jetstream
+                .create_stream(desired.clone())
+                .await
+                .with_context(|| format!("creating {object}"))?;
         }
-        Some(current) => {
-            let diffs = stream_diffs(&current, desired);
-            if diffs.is_empty() {
-                Outcome::Unchanged
-            } else {
-                if !dry_run {
-                    jetstream
-                        .update_stream(desired.clone())
-                        .await
-                        .with_context(|| format!("updating {object}"))?;
-                }
-                Outcome::Updated(diffs)
-            }
-        }
+        return Ok(Change {
+            object,
+            outcome: Outcome::Created,
+            destructive: Vec::new(),
+        });
     };
-    Ok(Change { object, outcome })
+    let diffs = stream_diffs(&current, desired);
+    if diffs.is_empty() {
+        return Ok(Change {
+            object,
+            outcome: Outcome::Unchanged,
+            destructive: Vec::new(),
+        });
+    }
+    let mut destructive = Vec::new();
+    // The server cannot change these in place; the stream (and every message) goes.
+    let recreate = current.storage != desired.storage || current.retention != desired.retention;
+    if recreate {
+        destructive.push("the stream is deleted with every message it holds".to_owned());
+    }
+    if shortens(current.max_age, desired.max_age) {
+        destructive.push("a shorter max_age deletes older messages".to_owned());
+    }
+    let removed: Vec<&String> = current
+        .subjects
+        .iter()
+        .filter(|s| !desired.subjects.contains(s))
+        .collect();
+    if !removed.is_empty() {
+        destructive.push(format!(
+            "messages on {removed:?} can no longer be published"
+        ));
+    }
+    if !dry_run {
+        if recreate {
+            jetstream
+                .delete_stream(&desired.name)
+                .await
+                .with_context(|| format!("deleting {object}"))?;
+            jetstream
+                .create_stream(desired.clone())
+                .await
+                .with_context(|| format!("creating {object}"))?;
+        } else {
+            jetstream
+                .update_stream(desired.clone())
+                .await
+                .with_context(|| format!("updating {object}"))?;
+        }
+    }
+    let outcome = if recreate {
+        Outcome::Recreated(diffs)
+    } else {
+        Outcome::Updated(diffs)
+    };
+    Ok(Change {
+        object,
+        outcome,
+        destructive,
+    })
+}
+
+/// Whether a maximum age (`0`: unlimited) gets shorter.
+fn shortens(current: std::time::Duration, desired: std::time::Duration) -> bool {
+    !desired.is_zero() && (current.is_zero() || desired < current)
 }
 
 /// Differences in the fields the topology declares (the server fills in the rest).
@@ -171,46 +271,59 @@ async fn apply_bucket(
     let object = format!("kv bucket {}", desired.bucket);
     // A bucket is a stream named KV_<bucket>; reading that stream shows its settings.
     let backing = format!("KV_{}", desired.bucket);
-    let outcome = match existing_stream(jetstream, &backing).await? {
-        None => {
-            if !dry_run {
-                jetstream
-                    .create_key_value(desired.clone())
-                    .await
-                    .with_context(|| format!("creating {object}"))?;
-            }
-            Outcome::Created
+    let Some(current) = existing_stream(jetstream, &backing).await? else {
+        if !dry_run {
+            jetstream
+                .create_key_value(desired.clone())
+                .await
+                .with_context(|| format!("creating {object}"))?;
         }
-        Some(current) => {
-            let mut diffs = Vec::new();
-            diff(
-                &mut diffs,
-                "history",
-                &current.max_messages_per_subject,
-                &desired.history,
-            );
-            diff(&mut diffs, "max_age", &current.max_age, &desired.max_age);
-            diff(&mut diffs, "storage", &current.storage, &desired.storage);
-            diff(
-                &mut diffs,
-                "replicas",
-                &current.num_replicas,
-                &desired.num_replicas,
-            );
-            if diffs.is_empty() {
-                Outcome::Unchanged
-            } else {
-                if !dry_run {
-                    jetstream
-                        .update_key_value(desired.clone())
-                        .await
-                        .with_context(|| format!("updating {object}"))?;
-                }
-                Outcome::Updated(diffs)
-            }
-        }
+        return Ok(Change {
+            object,
+            outcome: Outcome::Created,
+            destructive: Vec::new(),
+        });
     };
-    Ok(Change { object, outcome })
+    let mut diffs = Vec::new();
+    diff(
+        &mut diffs,
+        "history",
+        &current.max_messages_per_subject,
+        &desired.history,
+    );
+    diff(&mut diffs, "max_age", &current.max_age, &desired.max_age);
+    diff(&mut diffs, "storage", &current.storage, &desired.storage);
+    diff(
+        &mut diffs,
+        "replicas",
+        &current.num_replicas,
+        &desired.num_replicas,
+    );
+    if diffs.is_empty() {
+        return Ok(Change {
+            object,
+            outcome: Outcome::Unchanged,
+            destructive: Vec::new(),
+        });
+    }
+    let mut destructive = Vec::new();
+    if shortens(current.max_age, desired.max_age) {
+        destructive.push("a shorter max_age deletes older entries".to_owned());
+    }
+    if current.max_messages_per_subject > desired.history {
+        destructive.push("a shorter history deletes older revisions".to_owned());
+    }
+    if !dry_run {
+        jetstream
+            .update_key_value(desired.clone())
+            .await
+            .with_context(|| format!("updating {object}"))?;
+    }
+    Ok(Change {
+        object,
+        outcome: Outcome::Updated(diffs),
+        destructive,
+    })
 }
 
 async fn apply_consumer(
@@ -231,69 +344,102 @@ async fn apply_consumer(
         },
     };
     let desired = &spec.config;
-    let outcome = match current {
-        None => {
-            if !dry_run {
-                stream
-                    .create_consumer(desired.clone())
-                    .await
-                    .with_context(|| format!("creating {object}"))?;
-            }
-            Outcome::Created
+    let Some(current) = current else {
+        if !dry_run {
+            stream
+                .create_consumer(desired.clone())
+                .await
+                .with_context(|| format!("creating {object}"))?;
         }
-        Some(current) => {
-            let mut diffs = Vec::new();
-            diff(
-                &mut diffs,
-                "filter_subject",
-                &current.filter_subject,
-                &desired.filter_subject,
-            );
-            diff(
-                &mut diffs,
-                "deliver_policy",
-                &current.deliver_policy,
-                &desired.deliver_policy,
-            );
-            diff(
-                &mut diffs,
-                "ack_policy",
-                &current.ack_policy,
-                &desired.ack_policy,
-            );
-            diff(&mut diffs, "ack_wait", &current.ack_wait, &desired.ack_wait);
-            diff(
-                &mut diffs,
-                "max_deliver",
-                &current.max_deliver,
-                &desired.max_deliver,
-            );
-            diff(
-                &mut diffs,
-                "max_ack_pending",
-                &current.max_ack_pending,
-                &desired.max_ack_pending,
-            );
-            diff(
-                &mut diffs,
-                "description",
-                &current.description,
-                &desired.description,
-            );
-            if diffs.is_empty() {
-                Outcome::Unchanged
-            } else {
-                if !dry_run {
-                    stream
-                        .update_consumer(desired.clone())
-                        .await
-                        .with_context(|| format!("updating {object}"))?;
-                }
-                Outcome::Updated(diffs)
-            }
-        }
+        return Ok(Change {
+            object,
+            outcome: Outcome::Created,
+            destructive: Vec::new(),
+        });
     };
-    Ok(Change { object, outcome })
+    let mut diffs = Vec::new();
+    diff(
+        &mut diffs,
+        "filter_subject",
+        &current.filter_subject,
+        &desired.filter_subject,
+    );
+    diff(
+        &mut diffs,
+        "deliver_policy",
+        &current.deliver_policy,
+        &desired.deliver_policy,
+    );
+    diff(
+        &mut diffs,
+        "ack_policy",
+        &current.ack_policy,
+        &desired.ack_policy,
+    );
+    diff(&mut diffs, "ack_wait", &current.ack_wait, &desired.ack_wait);
+    diff(
+        &mut diffs,
+        "max_deliver",
+        &current.max_deliver,
+        &desired.max_deliver,
+    );
+    diff(
+        &mut diffs,
+        "max_ack_pending",
+        &current.max_ack_pending,
+        &desired.max_ack_pending,
+    );
+    diff(
+        &mut diffs,
+        "description",
+        &current.description,
+        &desired.description,
+    );
+    if diffs.is_empty() {
+        return Ok(Change {
+            object,
+            outcome: Outcome::Unchanged,
+            destructive: Vec::new(),
+        });
+    }
+    // The server cannot change these in place: the consumer, and its delivery state, goes.
+    let recreate = current.deliver_policy != desired.deliver_policy
+        || current.ack_policy != desired.ack_policy;
+    let destructive = if recreate {
+        vec![
+            "the consumer's delivery state is lost (projectors resume from their checkpoints)"
+                .to_owned(),
+        ]
+    } else {
+        Vec::new()
+    };
+    if !dry_run {
+        if recreate {
+            stream
+                .delete_consumer(&name)
+                .await
+                .with_context(|| format!("deleting {object}"))?;
+            stream
+                .create_consumer(desired.clone())
+                .await
+                .with_context(|| format!("creating {object}"))?;
+        } else {
+            stream
+                .update_consumer(desired.clone())
+                .await
+                .with_context(|| format!("updating {object}"))?;
+        }
+    }
+    let outcome = if recreate {
+        Outcome::Recreated(diffs)
+    } else {
+        Outcome::Updated(diffs)
+    };
+    Ok(Change {
+        object,
+        outcome,
+        destructive,
+    })
 }
 
 fn diff<A, B>(diffs: &mut Vec<String>, field: &str, current: &A, desired: &B)
@@ -310,7 +456,7 @@ where
 pub fn summary(changes: &[Change], dry_run: bool) -> String {
     let count = |pred: fn(&Outcome) -> bool| changes.iter().filter(|c| pred(&c.outcome)).count();
     let created = count(|o| matches!(o, Outcome::Created));
-    let updated = count(|o| matches!(o, Outcome::Updated(_)));
+    let updated = count(|o| matches!(o, Outcome::Updated(_) | Outcome::Recreated(_)));
     let unchanged = count(|o| matches!(o, Outcome::Unchanged));
     let verb = if dry_run { "would be " } else { "" };
     if created + updated == 0 {

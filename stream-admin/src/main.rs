@@ -1,11 +1,19 @@
+use std::io::{BufRead, IsTerminal, Write};
+
+use anyhow::Context;
 use clap::{Parser, Subcommand};
-use events::StreamNames;
+use events::{Projection, StreamNames};
 use service_kit::nats::NatsArgs;
+use stream_admin::dlq::{self, ReadModels};
+use stream_admin::inspect::{self, TailFrom};
+use stream_admin::read_models::ReadModel;
+use stream_admin::replay::{self, ReplayOptions, ReplayTarget};
+use stream_admin::status;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "stream-admin",
-    about = "Creates and inspects the school system's streams"
+    about = "Creates, inspects and repairs the school system's streams and read models"
 )]
 struct Cli {
     #[command(flatten)]
@@ -17,6 +25,27 @@ struct Cli {
     command: Command,
 }
 
+/// Where the read models are (status, replay, dlq redrive).
+#[derive(Debug, clap::Args)]
+struct ReadModelArgs {
+    /// Postgres of the students read model (and of the courses one by default).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// The courses read model: `postgres://…` or `mongodb://…` (default: DATABASE_URL).
+    #[arg(long, env = "COURSES_STORE_URL", hide_env_values = true)]
+    courses_store_url: Option<String>,
+}
+
+impl ReadModelArgs {
+    async fn connect(&self, projection: Projection) -> anyhow::Result<ReadModel> {
+        let database_url = self
+            .database_url
+            .as_deref()
+            .context("DATABASE_URL (or --database-url) is needed to reach the read models")?;
+        ReadModel::connect(projection, database_url, self.courses_store_url.as_deref()).await
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create or update streams, consumers and KV buckets to match the definition.
@@ -24,26 +53,315 @@ enum Command {
         /// Print what would change without changing anything.
         #[arg(long)]
         dry_run: bool,
+        /// Carry out changes that lose messages or consumer state (refused otherwise).
+        #[arg(long)]
+        allow_destructive: bool,
         /// Stream and bucket replicas (3 in a cluster).
         #[arg(long, env = "STREAM_REPLICAS", default_value_t = 1)]
         replicas: usize,
     },
+    /// Streams, how far each projection has applied, its lag and dead letters.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        read_models: ReadModelArgs,
+    },
+    /// Rebuild a read model from the first event while the live one keeps serving, verify
+    /// it against the live one, then switch over atomically.
+    Replay {
+        /// `students` or `courses`.
+        projection: Projection,
+        /// Switch even if the new model differs from the live one.
+        #[arg(long)]
+        force: bool,
+        /// Keep the old model as `<table>__old` after the switch.
+        #[arg(long)]
+        keep_old: bool,
+        /// Throw away a half-built model from an interrupted run and start over.
+        #[arg(long)]
+        restart: bool,
+        /// Events per transaction.
+        #[arg(long, default_value_t = 1000)]
+        batch_size: usize,
+        #[command(flatten)]
+        read_models: ReadModelArgs,
+    },
+    /// Dead letters: events a projection set aside.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Stored events decoded to JSON.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// List dead letters with their reason and original stream position.
+    List {
+        /// Only this projection's.
+        #[arg(long)]
+        projection: Option<Projection>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild the aggregates of dead letters in their read model (after fixing the cause),
+    /// then delete the letters.
+    Redrive {
+        /// Dead-letter sequences (from `dlq list`).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        sequences: Vec<u64>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        read_models: ReadModelArgs,
+    },
+    /// Delete dead letters for good.
+    Purge {
+        /// Only this projection's.
+        #[arg(long)]
+        projection: Option<Projection>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EventsCommand {
+    /// Print events as JSON lines as they are stored.
+    Tail {
+        /// Only events on this subject (wildcards allowed), e.g. `school.events.student.>`.
+        #[arg(long)]
+        subject: Option<String>,
+        /// Start with the last N stored events.
+        #[arg(long, conflicts_with = "from_start")]
+        last: Option<u64>,
+        /// Start with the first stored event.
+        #[arg(long)]
+        from_start: bool,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Print the event at one stream position.
+    Get { sequence: u64 },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let client = cli.nats.connect("stream-admin").await?;
-    let jetstream = async_nats::jetstream::new(client);
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let names = &cli.stream_prefix;
     match cli.command {
-        Command::Apply { dry_run, replicas } => {
-            let topology = stream_admin::desired(&cli.stream_prefix, replicas);
-            let changes = stream_admin::apply(&jetstream, &topology, dry_run).await?;
+        Command::Apply {
+            dry_run,
+            allow_destructive,
+            replicas,
+        } => {
+            let topology = stream_admin::desired(names, replicas);
+            let options = stream_admin::ApplyOptions {
+                dry_run,
+                allow_destructive,
+            };
+            let changes = stream_admin::apply(&jetstream, &topology, options).await?;
             for change in &changes {
                 println!("{change}");
             }
             println!("{}", stream_admin::summary(&changes, dry_run));
         }
+        Command::Status { json, read_models } => {
+            let mut models = Vec::new();
+            for projection in Projection::ALL {
+                let model = match read_models.database_url {
+                    Some(_) => Some(read_models.connect(projection).await?),
+                    None => None,
+                };
+                models.push((projection, model));
+            }
+            let status = status::status(&client, names, &models).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status::render(&status));
+            }
+        }
+        Command::Replay {
+            projection,
+            force,
+            keep_old,
+            restart,
+            batch_size,
+            read_models,
+        } => {
+            let options = ReplayOptions {
+                force,
+                keep_old,
+                restart,
+                batch_size,
+                progress: std::io::stderr().is_terminal(),
+            };
+            let model = read_models.connect(projection).await?;
+            let report = match model {
+                ReadModel::Students(live) => {
+                    let target = ReplayTarget {
+                        model: projectors::generation::STUDENTS,
+                        pool: live.pool().clone(),
+                        next: live.generation(projectors::generation::Generation::Next),
+                    };
+                    replay::replay(&client, names, target, options).await?
+                }
+                ReadModel::Courses(store) => {
+                    let live = store.postgres().context(
+                        "replay of a MongoDB course store is not implemented yet; \
+                         the Postgres course store (COURSES_STORE_URL=postgres://…) supports it",
+                    )?;
+                    let target = ReplayTarget {
+                        model: projectors::generation::COURSES,
+                        pool: live.pool().clone(),
+                        next: live.generation(projectors::generation::Generation::Next),
+                    };
+                    replay::replay(&client, names, target, options).await?
+                }
+            };
+            if let Some(at) = report.resumed_at {
+                println!("resumed an interrupted replay at position {at}");
+            }
+            println!(
+                "replayed {} events in {:.1} s ({:.0} events/s); {} undecodable skipped",
+                report.applied,
+                report.elapsed.as_secs_f64(),
+                report.events_per_second(),
+                report.undecodable
+            );
+            println!(
+                "verified at position {}: live {} = new {}; switched{}",
+                report.switch.position,
+                report.switch.live,
+                report.switch.next,
+                if report.switch.kept_old {
+                    " (old model kept as <table>__old)"
+                } else {
+                    ", old model dropped"
+                }
+            );
+        }
+        Command::Dlq { command } => dlq_command(&client, &jetstream, names, command).await?,
+        Command::Events { command } => match command {
+            EventsCommand::Get { sequence } => {
+                let event = inspect::get(&jetstream, names, sequence).await?;
+                println!("{}", serde_json::to_string_pretty(&event)?);
+            }
+            EventsCommand::Tail {
+                subject,
+                last,
+                from_start,
+                count,
+            } => {
+                let from = match (last, from_start) {
+                    (Some(n), _) => TailFrom::Last(n),
+                    (None, true) => TailFrom::Start,
+                    (None, false) => TailFrom::New,
+                };
+                inspect::tail(&jetstream, names, subject, from, count, |event| {
+                    println!("{event}");
+                })
+                .await?;
+            }
+        },
     }
     Ok(())
+}
+
+async fn dlq_command(
+    client: &async_nats::Client,
+    jetstream: &async_nats::jetstream::Context,
+    names: &StreamNames,
+    command: DlqCommand,
+) -> anyhow::Result<()> {
+    match command {
+        DlqCommand::List { projection, json } => {
+            let letters = dlq::list(jetstream, names, projection).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&letters)?);
+                return Ok(());
+            }
+            println!(
+                "{:>8}  {:<10} {:>10}  {:<18} REASON",
+                "SEQ", "PROJECTION", "ORIG SEQ", "EVENT"
+            );
+            for letter in &letters {
+                println!(
+                    "{:>8}  {:<10} {:>10}  {:<18} {}",
+                    letter.sequence,
+                    letter.projection,
+                    letter
+                        .original_sequence
+                        .map_or_else(|| "-".into(), |s| s.to_string()),
+                    letter.event_type.as_deref().unwrap_or("(undecodable)"),
+                    letter.reason
+                );
+            }
+            println!("{} dead letters", letters.len());
+        }
+        DlqCommand::Redrive {
+            sequences,
+            all,
+            read_models,
+        } => {
+            let letters = dlq::list(jetstream, names, None).await?;
+            let sequences: Vec<u64> = if all {
+                letters.iter().map(|l| l.sequence).collect()
+            } else {
+                sequences
+            };
+            let mut models = ReadModels {
+                students: None,
+                courses: None,
+            };
+            for letter in letters.iter().filter(|l| sequences.contains(&l.sequence)) {
+                match letter.projection.parse::<Projection>() {
+                    Ok(Projection::Students) if models.students.is_none() => {
+                        models.students = Some(read_models.connect(Projection::Students).await?);
+                    }
+                    Ok(Projection::Courses) if models.courses.is_none() => {
+                        models.courses = Some(read_models.connect(Projection::Courses).await?);
+                    }
+                    _ => {}
+                }
+            }
+            for done in dlq::redrive(client, names, &models, &sequences).await? {
+                println!(
+                    "dead letter {}: aggregate {} rebuilt from {} events; letter deleted",
+                    done.sequence, done.aggregate, done.events_applied
+                );
+            }
+        }
+        DlqCommand::Purge { projection, yes } => {
+            let scope = projection.map_or("every projection".to_owned(), |p| p.as_str().to_owned());
+            if !yes && !confirm(&format!("Delete the dead letters of {scope} for good?"))? {
+                println!("nothing deleted");
+                return Ok(());
+            }
+            let purged = dlq::purge(jetstream, names, projection).await?;
+            println!("{purged} dead letters deleted");
+        }
+    }
+    Ok(())
+}
+
+/// Asks on the terminal; anything but `yes` is no.
+fn confirm(question: &str) -> anyhow::Result<bool> {
+    print!("{question} Type 'yes' to confirm: ");
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(answer.trim() == "yes")
 }

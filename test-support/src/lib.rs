@@ -53,7 +53,7 @@ impl TestBroker {
         let jetstream = jetstream::new(client.clone());
         let names = StreamNames::new(format!("t{}", unique_suffix()));
         let topology = stream_admin::desired(&names, 1);
-        stream_admin::apply(&jetstream, &topology, false)
+        stream_admin::apply(&jetstream, &topology, stream_admin::ApplyOptions::default())
             .await
             .expect("applying the test topology");
         TestBroker {

@@ -1,0 +1,174 @@
+//! A live students projection on this test's own streams and database, and a way to put
+//! events on the stream.
+
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::sync::Arc;
+
+use events::{AggregateKind, Enrollment, Event, EventMetadata, EventPayload, StudentDetails};
+use projectors::{PgStudents, ProjectionProgress, ProjectionRunner};
+use test_support::{TestBroker, TestDatabase};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+pub struct Live {
+    pub broker: TestBroker,
+    pub db: TestDatabase,
+    pub students: PgStudents,
+    stop: watch::Sender<bool>,
+}
+
+impl Live {
+    /// The broker topology, a fresh database, and the live students projection running.
+    pub async fn start() -> Live {
+        let broker = TestBroker::start().await;
+        let db = TestDatabase::create().await;
+        let students = PgStudents::with_pool(db.pool.clone())
+            .await
+            .expect("migrated");
+        let (stop, stopped) = watch::channel(false);
+        let runner = ProjectionRunner {
+            jetstream: broker.jetstream.clone(),
+            names: broker.names.clone(),
+            store: students.clone(),
+            batch_size: 200,
+            cache: None,
+            progress: Arc::new(ProjectionProgress::default()),
+        };
+        tokio::spawn(runner.run(async move {
+            let mut stopped = stopped;
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }));
+        Live {
+            broker,
+            db,
+            students,
+            stop,
+        }
+    }
+
+    /// Publishes an event on its aggregate's subject; returns its stream position.
+    pub async fn publish(&self, event: &Event) -> u64 {
+        self.broker
+            .jetstream
+            .publish(
+                self.broker
+                    .names
+                    .aggregate_subject(event.metadata.aggregate_kind, event.metadata.aggregate_id),
+                events::encode(event).into(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("ack")
+            .sequence
+    }
+
+    /// Waits until the live projection has applied `position`.
+    pub async fn caught_up(&self, position: u64) {
+        test_support::eventually(30, "the live projection to catch up", || async {
+            (self.students.checkpoint().await.ok()? >= position).then_some(())
+        })
+        .await;
+    }
+
+    pub async fn cleanup(self) {
+        let _ = self.stop.send(true);
+        self.db.cleanup().await;
+        self.broker.cleanup().await;
+    }
+}
+
+pub fn event(student_id: Uuid, payload: EventPayload) -> Event {
+    Event {
+        metadata: EventMetadata {
+            event_id: Uuid::now_v7(),
+            aggregate_kind: AggregateKind::Student,
+            aggregate_id: student_id,
+            occurred_at: chrono::Utc::now(),
+            correlation_id: Uuid::now_v7(),
+            causation_id: Uuid::now_v7(),
+            trace: Default::default(),
+        },
+        payload,
+    }
+}
+
+pub fn registered(student_id: Uuid, name: &str) -> Event {
+    event(
+        student_id,
+        EventPayload::StudentRegistered(StudentDetails {
+            name: name.into(),
+            first_name: "First".into(),
+            last_name: "Last".into(),
+        }),
+    )
+}
+
+pub fn renamed(student_id: Uuid, name: &str) -> Event {
+    event(
+        student_id,
+        EventPayload::StudentUpdated(StudentDetails {
+            name: name.into(),
+            first_name: "First".into(),
+            last_name: "Last".into(),
+        }),
+    )
+}
+
+pub fn enrolled(student_id: Uuid, course_id: Uuid) -> Event {
+    event(
+        student_id,
+        EventPayload::StudentEnrolled(Enrollment {
+            student_id,
+            course_id,
+        }),
+    )
+}
+
+impl Live {
+    /// Publishes many events with up to 1 000 acks outstanding (the client bounds acks in
+    /// flight); returns the last stream position.
+    pub async fn publish_all(&self, events: &[Event]) -> u64 {
+        let mut last = 0;
+        for chunk in events.chunks(1000) {
+            let mut acks = Vec::with_capacity(chunk.len());
+            for event in chunk {
+                acks.push(
+                    self.broker
+                        .jetstream
+                        .publish(
+                            self.broker.names.aggregate_subject(
+                                event.metadata.aggregate_kind,
+                                event.metadata.aggregate_id,
+                            ),
+                            events::encode(event).into(),
+                        )
+                        .await
+                        .expect("publish"),
+                );
+            }
+            for ack in acks {
+                last = last.max(ack.await.expect("ack").sequence);
+            }
+        }
+        last
+    }
+}
+
+/// `n` students, each registered, most enrolled in a course, some renamed.
+pub fn school(n: usize) -> Vec<Event> {
+    let courses: Vec<Uuid> = (0..10).map(|_| Uuid::now_v7()).collect();
+    let mut events = Vec::new();
+    for i in 0..n {
+        let id = Uuid::now_v7();
+        events.push(registered(id, &format!("Student {i}")));
+        if i % 4 != 0 {
+            events.push(enrolled(id, courses[i % courses.len()]));
+        }
+        if i % 3 == 0 {
+            events.push(renamed(id, &format!("Renamed {i}")));
+        }
+    }
+    events
+}

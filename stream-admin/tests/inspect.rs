@@ -1,0 +1,130 @@
+//! `status`, `events get | tail` and the command line itself.
+
+mod common;
+
+use common::{Live, registered, renamed};
+use stream_admin::inspect::{self, TailFrom};
+use stream_admin::read_models::ReadModel;
+use uuid::Uuid;
+
+#[tokio::test]
+async fn status_reports_streams_applied_positions_lag_and_dead_letters() {
+    let live = Live::start().await;
+    let ada = Uuid::now_v7();
+    live.publish(&registered(ada, "Ada L")).await;
+    let last = live.publish(&renamed(ada, "Ada K")).await;
+    live.caught_up(last).await;
+    let models = vec![
+        (
+            events::Projection::Students,
+            Some(ReadModel::Students(live.students.clone())),
+        ),
+        (events::Projection::Courses, None),
+    ];
+    let status = test_support::eventually(10, "the lag to drain", || async {
+        let status = stream_admin::status::status(&live.broker.client, &live.broker.names, &models)
+            .await
+            .ok()?;
+        (status.projections[0].lag == 0).then_some(status)
+    })
+    .await;
+    assert_eq!(status.streams[0].name, live.broker.names.event_stream());
+    assert_eq!(status.streams[0].messages, 2);
+    assert_eq!(status.streams[0].last_sequence, last);
+    let students = &status.projections[0];
+    assert_eq!(students.applied_sequence, Some(last));
+    assert_eq!(students.last_event_sequence, Some(last));
+    assert_eq!(students.dead_letters, 0);
+    let courses = &status.projections[1];
+    assert_eq!(courses.applied_sequence, None, "no read model given");
+    assert_eq!(courses.last_event_sequence, None, "no course events");
+    let table = stream_admin::status::render(&status);
+    assert!(
+        table.contains("students") && table.contains("LAG"),
+        "{table}"
+    );
+    live.cleanup().await;
+}
+
+#[tokio::test]
+async fn events_are_decoded_to_json_by_position_and_by_tail() {
+    let live = Live::start().await;
+    let ada = Uuid::now_v7();
+    let first = live.publish(&registered(ada, "Ada L")).await;
+    let second = live.publish(&renamed(ada, "Ada K")).await;
+    let subject = live
+        .broker
+        .names
+        .aggregate_subject(events::AggregateKind::Student, ada);
+    live.broker
+        .jetstream
+        .publish(subject.clone(), "not protobuf".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+
+    let got = inspect::get(&live.broker.jetstream, &live.broker.names, first)
+        .await
+        .expect("get");
+    assert_eq!(got["sequence"], first);
+    assert_eq!(got["subject"], subject);
+    assert_eq!(got["event"]["payload"]["type"], "StudentRegistered");
+    assert_eq!(got["event"]["payload"]["data"]["name"], "Ada L", "{got}");
+    assert!(
+        inspect::get(&live.broker.jetstream, &live.broker.names, 999)
+            .await
+            .is_err()
+    );
+
+    let mut tailed = Vec::new();
+    inspect::tail(
+        &live.broker.jetstream,
+        &live.broker.names,
+        None,
+        TailFrom::Last(2),
+        Some(2),
+        |event| tailed.push(event),
+    )
+    .await
+    .expect("tail");
+    assert_eq!(tailed.len(), 2);
+    assert_eq!(tailed[0]["sequence"], second);
+    assert_eq!(
+        tailed[0]["event"]["payload"]["data"]["name"], "Ada K",
+        "{}",
+        tailed[0]
+    );
+    assert!(tailed[1]["undecodable"].is_string(), "{}", tailed[1]);
+    live.cleanup().await;
+}
+
+#[test]
+fn every_command_has_help() {
+    let binary = env!("CARGO_BIN_EXE_stream-admin");
+    for args in [
+        vec!["--help"],
+        vec!["apply", "--help"],
+        vec!["status", "--help"],
+        vec!["replay", "--help"],
+        vec!["dlq", "list", "--help"],
+        vec!["dlq", "redrive", "--help"],
+        vec!["dlq", "purge", "--help"],
+        vec!["events", "tail", "--help"],
+        vec!["events", "get", "--help"],
+    ] {
+        let output = std::process::Command::new(binary)
+            .args(&args)
+            .output()
+            .expect("runs");
+        assert!(output.status.success(), "{args:?}");
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(text.contains("Usage:"), "{args:?}: {text}");
+    }
+    let bad = std::process::Command::new(binary)
+        .args(["replay", "teachers"])
+        .output()
+        .expect("runs");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown projection"));
+}
