@@ -12,6 +12,7 @@ pub mod pg_courses;
 pub mod pg_students;
 pub mod redis_cache;
 pub mod store;
+pub mod student_fold;
 
 use std::sync::Arc;
 

@@ -1,13 +1,17 @@
 //! The students projection into Postgres: students and their course ids, plus the
 //! checkpoint that makes re-delivery harmless.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use events::{Event, EventPayload, Projection};
+use chrono::{DateTime, Utc};
+use events::{Event, Projection};
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
+use uuid::Uuid;
 
 use crate::generation::Generation;
 use crate::store::{BatchOutcome, ProjectionStore, StoreError};
+use crate::student_fold::{self, StudentRow, Touched, Writes};
 
 /// Applies batches of student events, each batch in one transaction with its checkpoint.
 #[derive(Clone)]
@@ -25,13 +29,12 @@ pub const TABLES: [&str; 2] = ["students", "student_courses"];
 struct Statements {
     generation: Generation,
     checkpoint_key: String,
-    register: String,
-    update: String,
+    load_students: String,
+    load_enrollments: String,
     delete: String,
+    upsert: String,
     enroll: String,
     unenroll: String,
-    bump_version: String,
-    delete_enrollments: String,
 }
 
 impl Statements {
@@ -41,30 +44,33 @@ impl Statements {
         Statements {
             generation,
             checkpoint_key: generation.checkpoint_key(PROJECTION),
-            register: format!(
+            load_students: format!(
+                "SELECT id, name, first_name, last_name, version, created_at, updated_at
+                 FROM {students} WHERE id = ANY($1) FOR UPDATE"
+            ),
+            load_enrollments: format!(
+                "SELECT student_id, course_id, enrolled_at FROM {enrollments}
+                 WHERE student_id = ANY($1)"
+            ),
+            // Enrollment rows go with their student (ON DELETE CASCADE).
+            delete: format!("DELETE FROM {students} WHERE id = ANY($1)"),
+            upsert: format!(
                 "INSERT INTO {students} (id, name, first_name, last_name, version, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $6)
-                 ON CONFLICT (id) DO NOTHING"
+                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[],
+                                      $5::bigint[], $6::timestamptz[], $7::timestamptz[])
+                 ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name,
+                     first_name = EXCLUDED.first_name, last_name = EXCLUDED.last_name,
+                     version = EXCLUDED.version, updated_at = EXCLUDED.updated_at"
             ),
-            update: format!(
-                "UPDATE {students} SET name = $2, first_name = $3, last_name = $4, version = $5,
-                        updated_at = $6
-                 WHERE id = $1"
-            ),
-            // Enrollment rows go with it (ON DELETE CASCADE).
-            delete: format!("DELETE FROM {students} WHERE id = $1"),
             enroll: format!(
                 "INSERT INTO {enrollments} (student_id, course_id, enrolled_at)
-                 SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM {students} WHERE id = $1)
+                 SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[])
                  ON CONFLICT DO NOTHING"
             ),
             unenroll: format!(
-                "DELETE FROM {enrollments} WHERE student_id = $1 AND course_id = $2"
+                "DELETE FROM {enrollments} e USING UNNEST($1::uuid[], $2::uuid[]) AS gone (s, c)
+                 WHERE e.student_id = gone.s AND e.course_id = gone.c"
             ),
-            bump_version: format!(
-                "UPDATE {students} SET version = $2, updated_at = $3 WHERE id = $1"
-            ),
-            delete_enrollments: format!("DELETE FROM {enrollments} WHERE student_id = $1"),
         }
     }
 }
@@ -122,14 +128,21 @@ impl PgStudents {
             checkpoint: lock_checkpoint(&mut tx, &self.sql.checkpoint_key).await?,
             ..BatchOutcome::default()
         };
-        for (sequence, event) in batch {
-            if *sequence <= outcome.checkpoint {
-                outcome.skipped += 1;
-                continue;
+        let fresh: Vec<&(u64, Event)> = batch
+            .iter()
+            .filter(|(sequence, _)| *sequence > outcome.checkpoint)
+            .collect();
+        outcome.skipped = batch.len() - fresh.len();
+        outcome.applied = fresh.len();
+        let ids: Vec<Uuid> = fresh.iter().map(|(_, e)| e.metadata.aggregate_id).collect();
+        let mut touched = self.load(&mut tx, &ids).await?;
+        for (sequence, event) in fresh {
+            if let Some(student) = touched.get_mut(&event.metadata.aggregate_id) {
+                student.apply(*sequence, event);
             }
-            self.apply_event(&mut tx, *sequence, event).await?;
-            outcome.applied += 1;
         }
+        self.write(&mut tx, student_fold::writes(touched.values()))
+            .await?;
         if through_sequence > outcome.checkpoint {
             outcome.checkpoint = through_sequence;
             write_checkpoint(&mut tx, &self.sql.checkpoint_key, through_sequence).await?;
@@ -144,106 +157,140 @@ impl PgStudents {
     /// number of events applied.
     pub async fn rebuild_aggregate(
         &self,
-        id: uuid::Uuid,
+        id: Uuid,
         history: &[(u64, Event)],
     ) -> Result<usize, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let checkpoint = lock_checkpoint(&mut tx, &self.sql.checkpoint_key).await?;
-        sqlx::query(AssertSqlSafe(self.sql.delete_enrollments.as_str()))
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(AssertSqlSafe(self.sql.delete.as_str()))
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+        let stored = self
+            .load(&mut tx, &[id])
+            .await?
+            .remove(&id)
+            .and_then(|t| t.stored);
+        let mut student = Touched::rebuilt(stored);
         let mut applied = 0;
         for (sequence, event) in history.iter().filter(|(seq, _)| *seq <= checkpoint) {
-            self.apply_event(&mut tx, *sequence, event).await?;
+            student.apply(*sequence, event);
             applied += 1;
         }
+        self.write(&mut tx, student_fold::writes([&student]))
+            .await?;
         tx.commit().await?;
         Ok(applied)
     }
 
-    async fn apply_event(
+    /// The stored state of every student in `ids` (locked for the transaction).
+    async fn load(
         &self,
         tx: &mut Transaction<'_, Postgres>,
-        sequence: u64,
-        event: &Event,
-    ) -> Result<(), sqlx::Error> {
-        let sql = &self.sql;
-        let id = event.metadata.aggregate_id;
-        let at = event.metadata.occurred_at;
-        let version = sequence_to_db(sequence);
-        match &event.payload {
-            EventPayload::StudentRegistered(details) => {
-                sqlx::query(AssertSqlSafe(sql.register.as_str()))
-                    .bind(id)
-                    .bind(&details.name)
-                    .bind(&details.first_name)
-                    .bind(&details.last_name)
-                    .bind(version)
-                    .bind(at)
-                    .execute(&mut **tx)
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, Touched>, sqlx::Error> {
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        type Row = (
+            Uuid,
+            String,
+            String,
+            String,
+            i64,
+            DateTime<Utc>,
+            DateTime<Utc>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(AssertSqlSafe(self.sql.load_students.as_str()))
+            .bind(&ids)
+            .fetch_all(&mut **tx)
+            .await?;
+        let mut stored: HashMap<Uuid, StudentRow> = rows
+            .into_iter()
+            .map(
+                |(id, name, first_name, last_name, version, created_at, updated_at)| {
+                    let row = StudentRow {
+                        id,
+                        name,
+                        first_name,
+                        last_name,
+                        version: sequence_from_db(version),
+                        created_at,
+                        updated_at,
+                        courses: BTreeMap::new(),
+                    };
+                    (id, row)
+                },
+            )
+            .collect();
+        if !stored.is_empty() {
+            let enrollments: Vec<(Uuid, Uuid, DateTime<Utc>)> =
+                sqlx::query_as(AssertSqlSafe(self.sql.load_enrollments.as_str()))
+                    .bind(&ids)
+                    .fetch_all(&mut **tx)
                     .await?;
+            for (student, course, at) in enrollments {
+                if let Some(row) = stored.get_mut(&student) {
+                    row.courses.insert(course, at);
+                }
             }
-            EventPayload::StudentUpdated(details) => {
-                sqlx::query(AssertSqlSafe(sql.update.as_str()))
-                    .bind(id)
-                    .bind(&details.name)
-                    .bind(&details.first_name)
-                    .bind(&details.last_name)
-                    .bind(version)
-                    .bind(at)
-                    .execute(&mut **tx)
-                    .await?;
-            }
-            EventPayload::StudentDeleted => {
-                sqlx::query(AssertSqlSafe(sql.delete.as_str()))
-                    .bind(id)
-                    .execute(&mut **tx)
-                    .await?;
-            }
-            EventPayload::StudentEnrolled(enrollment) => {
-                sqlx::query(AssertSqlSafe(sql.enroll.as_str()))
-                    .bind(enrollment.student_id)
-                    .bind(enrollment.course_id)
-                    .bind(at)
-                    .execute(&mut **tx)
-                    .await?;
-                self.bump_version(tx, id, version, at).await?;
-            }
-            EventPayload::StudentUnenrolled(enrollment) => {
-                sqlx::query(AssertSqlSafe(sql.unenroll.as_str()))
-                    .bind(enrollment.student_id)
-                    .bind(enrollment.course_id)
-                    .execute(&mut **tx)
-                    .await?;
-                self.bump_version(tx, id, version, at).await?;
-            }
-            // Course events are filtered out by the consumer; one that slips through has no
-            // effect on students.
-            EventPayload::CourseCreated(_)
-            | EventPayload::CourseUpdated(_)
-            | EventPayload::CourseDeleted => {}
         }
-        Ok(())
+        Ok(ids
+            .into_iter()
+            .map(|id| (id, Touched::new(stored.remove(&id))))
+            .collect())
     }
 
-    async fn bump_version(
+    /// Deletes, upserts students, then removes and adds enrollments: at most four
+    /// statements, whatever the batch size.
+    async fn write(
         &self,
         tx: &mut Transaction<'_, Postgres>,
-        id: uuid::Uuid,
-        version: i64,
-        at: chrono::DateTime<chrono::Utc>,
+        writes: Writes,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(AssertSqlSafe(self.sql.bump_version.as_str()))
-            .bind(id)
-            .bind(version)
-            .bind(at)
-            .execute(&mut **tx)
-            .await?;
+        let sql = &self.sql;
+        if !writes.deletes.is_empty() {
+            sqlx::query(AssertSqlSafe(sql.delete.as_str()))
+                .bind(&writes.deletes)
+                .execute(&mut **tx)
+                .await?;
+        }
+        if !writes.upserts.is_empty() {
+            let rows = &writes.upserts;
+            sqlx::query(AssertSqlSafe(sql.upsert.as_str()))
+                .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+                .bind(rows.iter().map(|r| r.name.as_str()).collect::<Vec<_>>())
+                .bind(
+                    rows.iter()
+                        .map(|r| r.first_name.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    rows.iter()
+                        .map(|r| r.last_name.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    rows.iter()
+                        .map(|r| sequence_to_db(r.version))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
+                .bind(rows.iter().map(|r| r.updated_at).collect::<Vec<_>>())
+                .execute(&mut **tx)
+                .await?;
+        }
+        if !writes.unenroll.is_empty() {
+            sqlx::query(AssertSqlSafe(sql.unenroll.as_str()))
+                .bind(writes.unenroll.iter().map(|e| e.0).collect::<Vec<_>>())
+                .bind(writes.unenroll.iter().map(|e| e.1).collect::<Vec<_>>())
+                .execute(&mut **tx)
+                .await?;
+        }
+        if !writes.enroll.is_empty() {
+            sqlx::query(AssertSqlSafe(sql.enroll.as_str()))
+                .bind(writes.enroll.iter().map(|e| e.0).collect::<Vec<_>>())
+                .bind(writes.enroll.iter().map(|e| e.1).collect::<Vec<_>>())
+                .bind(writes.enroll.iter().map(|e| e.2).collect::<Vec<_>>())
+                .execute(&mut **tx)
+                .await?;
+        }
         Ok(())
     }
 }
