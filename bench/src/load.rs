@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use query_api::grpc::pb::GetStudentRequest;
@@ -36,14 +36,14 @@ impl LoadResult {
     }
 }
 
-fn histogram() -> Histogram<u64> {
+pub fn histogram() -> Histogram<u64> {
     // 1 µs .. 60 s is far wider than any answer here.
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant bounds are valid")
 }
 
 /// Runs `workers` copies of `worker` (each given its index and the deadline) after a warm-up
 /// of `warmup`, and merges what they measured.
-async fn drive<W, Fut>(
+pub async fn drive<W, Fut>(
     workers: usize,
     warmup: Duration,
     duration: Duration,
@@ -76,25 +76,61 @@ where
     Ok(result)
 }
 
+/// One HTTP request as the load generator sends it.
+pub struct HttpRequest {
+    pub method: hyper::Method,
+    pub path: String,
+    pub api_key: &'static str,
+    /// A JSON body (with `content-type: application/json`), or none.
+    pub body: Option<Bytes>,
+}
+
 /// GETs `path` from `addr` over `workers` HTTP/1.1 keep-alive connections.
 pub async fn http_get(
     addr: std::net::SocketAddr,
     path: &str,
-    api_key: &str,
+    api_key: &'static str,
     workers: usize,
     warmup: Duration,
     duration: Duration,
 ) -> anyhow::Result<LoadResult> {
     let path = path.to_owned();
-    let api_key = api_key.to_owned();
+    http_load(
+        addr,
+        hyper::StatusCode::OK,
+        workers,
+        warmup,
+        duration,
+        move || HttpRequest {
+            method: hyper::Method::GET,
+            path: path.clone(),
+            api_key,
+            body: None,
+        },
+    )
+    .await
+}
+
+/// Sends what `request` makes over `workers` HTTP/1.1 keep-alive connections, counting
+/// answers with `expected` status.
+pub async fn http_load<R>(
+    addr: std::net::SocketAddr,
+    expected: hyper::StatusCode,
+    workers: usize,
+    warmup: Duration,
+    duration: Duration,
+    request: R,
+) -> anyhow::Result<LoadResult>
+where
+    R: Fn() -> HttpRequest + Clone + Send + Sync + 'static,
+{
     drive(workers, warmup, duration, move |_, start, end| {
-        let path = path.clone();
-        let api_key = api_key.clone();
+        let request = request.clone();
         async move {
             let stream = tokio::net::TcpStream::connect(addr).await?;
             stream.set_nodelay(true)?;
             let (mut sender, connection) =
-                hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
                     .await?;
             tokio::spawn(connection);
             let mut latencies = histogram();
@@ -104,15 +140,26 @@ pub async fn http_get(
                 if sent >= end {
                     break;
                 }
-                let request = hyper::Request::get(path.as_str())
+                let HttpRequest {
+                    method,
+                    path,
+                    api_key,
+                    body,
+                } = request();
+                let mut builder = hyper::Request::builder()
+                    .method(method)
+                    .uri(path.as_str())
                     .header("host", addr.to_string())
-                    .header("x-api-key", api_key.as_str())
-                    .body(Empty::new())?;
-                let response = sender.send_request(request).await?;
+                    .header("x-api-key", api_key);
+                if body.is_some() {
+                    builder = builder.header("content-type", "application/json");
+                }
+                let http_request = builder.body(Full::new(body.unwrap_or_default()))?;
+                let response = sender.send_request(http_request).await?;
                 let status = response.status();
                 response.into_body().collect().await?;
                 if sent >= start {
-                    if status == hyper::StatusCode::OK {
+                    if status == expected {
                         ok += 1;
                         latencies.saturating_record(sent.elapsed().as_micros() as u64);
                     } else {

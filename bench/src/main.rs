@@ -1,22 +1,29 @@
-//! `bench`: measures the system on this machine next to raw ceilings measured the same way,
-//! in the same run. Benchmarks are not tests: nothing here asserts a speed.
+//! `bench`: measures every figure of SPEC §10 on this machine next to its raw ceiling,
+//! measured the same way in the same run, and writes BENCHMARKS.md and a PNG chart.
+//! Benchmarks are not tests: nothing here asserts a speed.
 //!
-//! `bench reads` needs the local stack (`scripts/dev up`, release build): it writes one
-//! student through the gateway, starts two query-api processes of its own (with and without
-//! Redis) and a hello-world server, and drives each with the same load generator.
+//! Needs the local stack's NATS, Postgres and Redis (`scripts/dev bench` starts them and
+//! builds in release mode). Each figure runs on streams and a database of its own, with the
+//! services started as processes of their own from the release binaries next to this one.
 
+mod figures;
 mod hello;
 mod load;
+mod peer;
+mod report;
+mod world;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
-use load::LoadResult;
+use figures::Run;
+use report::{Row, median};
+use world::{Process, World};
 
 #[derive(Parser)]
 #[command(
@@ -30,10 +37,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Commands {
-    /// Cached and uncached `GET /api/students/{id}` and gRPC `GetStudent` next to
-    /// hello-world axum and tonic handlers.
-    Reads(ReadsArgs),
-    /// The hello-world servers the read ceilings are measured against (started by `reads`).
+    /// Every figure of SPEC §10; writes BENCHMARKS.md and bench.png (not with --tiny).
+    All(Args),
+    /// The hello-world servers the read ceilings are measured against (started by `all`).
     #[command(hide = true)]
     HelloServer {
         #[arg(long)]
@@ -41,11 +47,22 @@ enum Commands {
         #[arg(long)]
         grpc: SocketAddr,
     },
+    /// The cqrs-es + postgres-es peer (started by `all`).
+    #[command(hide = true)]
+    PeerServer {
+        #[arg(long)]
+        http: SocketAddr,
+        #[arg(long)]
+        database_url: String,
+    },
 }
 
-#[derive(clap::Args)]
-struct ReadsArgs {
-    /// Seconds each measurement lasts (after a 1 s warm-up).
+#[derive(clap::Args, Clone)]
+struct Args {
+    /// A few seconds in all, to prove the command works (the test command runs this).
+    #[arg(long)]
+    tiny: bool,
+    /// Seconds each load measurement lasts (after a 1 s warm-up).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
     /// Runs of every measurement (min/median/max are reported).
@@ -54,109 +71,63 @@ struct ReadsArgs {
     /// Concurrent requests in flight.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
-    /// HTTP/2 connections the gRPC load shares.
-    #[arg(long, default_value_t = 4)]
-    grpc_connections: usize,
-    /// The gateway of the running stack.
-    #[arg(
-        long,
-        env = "BENCH_GATEWAY_URL",
-        default_value = "http://127.0.0.1:18081"
-    )]
-    gateway: String,
-    #[arg(long, env = "BENCH_WRITE_KEY", default_value = "dev-write-key")]
-    write_key: String,
-    /// Directory holding the `query-api` binary (default: next to this one).
+    /// Events in the projection backlog.
+    #[arg(long, default_value_t = 200_000)]
+    projection_events: usize,
+    /// Events in the replayed stream.
+    #[arg(long, default_value_t = 1_000_000)]
+    replay_events: usize,
+    /// Directory holding the release binaries (default: next to this one).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Where the report goes.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    output: PathBuf,
+    /// Where the chart goes.
+    #[arg(long, default_value = "bench.png")]
+    chart: PathBuf,
+}
+
+impl Args {
+    fn effective(mut self) -> Self {
+        if self.tiny {
+            self.seconds = 1;
+            self.runs = 1;
+            self.concurrency = 4;
+            self.projection_events = 2_000;
+            self.replay_events = 5_000;
+        }
+        self
+    }
+
+    fn duration(&self) -> Duration {
+        Duration::from_secs(self.seconds)
+    }
+
+    fn warmup(&self) -> Duration {
+        if self.tiny {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(1)
+        }
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Commands::Reads(args) => reads(args).await,
+        Commands::All(args) => all(args.effective()).await,
         Commands::HelloServer { http, grpc } => hello::serve(http, grpc).await,
+        Commands::PeerServer { http, database_url } => peer::serve(http, &database_url).await,
     }
 }
 
-const READ_KEY: &str = "bench-read-key";
-
-/// A child process killed on drop, with its CPU time readable from /proc.
-struct Server {
-    child: Child,
-    http: SocketAddr,
-    grpc: SocketAddr,
+fn say(text: &str) {
+    eprintln!("==> {text}");
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn cpu_seconds(&self) -> f64 {
-        cpu_seconds(&format!("/proc/{}/stat", self.child.id()))
-    }
-}
-
-/// User plus system CPU time of a process (`/proc/<pid>/stat`, in USER_HZ = 100 ticks/s).
-fn cpu_seconds(stat_path: &str) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(stat_path) else {
-        return 0.0;
-    };
-    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-    let Some(after_name) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-async fn wait_until_listening(addr: SocketAddr) -> anyhow::Result<()> {
-    for _ in 0..300 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    bail!("nothing listens on {addr} after 6 s")
-}
-
-async fn start_query_api(bin_dir: &std::path::Path, with_redis: bool) -> anyhow::Result<Server> {
-    let (http, grpc) = (free_addr()?, free_addr()?);
-    let mut command = Command::new(bin_dir.join("query-api"));
-    command
-        .env("LISTEN_ADDR", http.to_string())
-        .env("GRPC_LISTEN_ADDR", grpc.to_string())
-        .env("API_KEYS", format!("read:{READ_KEY}"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null());
-    if !with_redis {
-        command.env_remove("REDIS_URL");
-    }
-    let child = command
-        .spawn()
-        .with_context(|| format!("starting {}/query-api", bin_dir.display()))?;
-    let server = Server { child, http, grpc };
-    wait_until_listening(http).await?;
-    wait_until_listening(grpc).await?;
-    Ok(server)
-}
-
-async fn start_hello() -> anyhow::Result<Server> {
-    let (http, grpc) = (free_addr()?, free_addr()?);
+async fn start_hello() -> anyhow::Result<Process> {
+    let (http, grpc) = (world::free_addr()?, world::free_addr()?);
     let child = Command::new(std::env::current_exe()?)
         .args([
             "hello-server",
@@ -167,22 +138,38 @@ async fn start_hello() -> anyhow::Result<Server> {
         ])
         .stdout(Stdio::null())
         .spawn()?;
-    let server = Server { child, http, grpc };
-    wait_until_listening(http).await?;
-    wait_until_listening(grpc).await?;
-    Ok(server)
+    let process = Process::adopt(child, http, Some(grpc));
+    world::wait_until_listening(http).await?;
+    world::wait_until_listening(grpc).await?;
+    Ok(process)
 }
 
-/// Registers a student and waits until the query side shows it.
-async fn seed_student(args: &ReadsArgs, query: &Server) -> anyhow::Result<String> {
+async fn start_peer(database_url: &str) -> anyhow::Result<Process> {
+    let http = world::free_addr()?;
+    let child = Command::new(std::env::current_exe()?)
+        .args([
+            "peer-server",
+            "--http",
+            &http.to_string(),
+            "--database-url",
+            database_url,
+        ])
+        .stdout(Stdio::null())
+        .spawn()?;
+    let process = Process::adopt(child, http, None);
+    world::wait_until_listening(http).await?;
+    Ok(process)
+}
+
+/// Registers a student through the gateway and waits until the query side shows it.
+async fn seed_student(system: &world::System) -> anyhow::Result<String> {
     let http = reqwest::Client::new();
     let created = http
-        .post(format!("{}/api/students", args.gateway))
-        .header("x-api-key", &args.write_key)
+        .post(format!("{}/api/students", system.gateway.url()))
+        .header("x-api-key", world::WRITE_KEY)
         .json(&serde_json::json!({"name": "Ada L", "first_name": "Ada", "last_name": "Lovelace"}))
         .send()
-        .await
-        .context("the gateway of the local stack (scripts/dev up)")?;
+        .await?;
     if !created.status().is_success() {
         bail!("the gateway refused the seed student: {}", created.status());
     }
@@ -197,140 +184,294 @@ async fn seed_student(args: &ReadsArgs, query: &Server) -> anyhow::Result<String
         .as_str()
         .context("the gateway answered no id")?
         .to_owned();
-    let seen = http
-        .get(format!("http://{}/api/students/{id}", query.http))
-        .header("x-api-key", READ_KEY)
-        .header("x-consistency-token", token)
-        .send()
-        .await?;
-    if !seen.status().is_success() {
-        bail!(
-            "the seed student is not visible on the query side: {}",
-            seen.status()
-        );
+    for query in [&system.query, &system.query_uncached] {
+        let seen = http
+            .get(format!("{}/api/students/{id}", query.url()))
+            .header("x-api-key", world::READ_KEY)
+            .header("x-consistency-token", &token)
+            .send()
+            .await?;
+        if !seen.status().is_success() {
+            bail!(
+                "the seed student is not visible on the query side: {}",
+                seen.status()
+            );
+        }
     }
     Ok(id)
 }
 
-/// One figure over several runs.
-struct Figure {
-    name: &'static str,
-    runs: Vec<(LoadResult, f64, f64)>,
-}
+async fn all(args: Args) -> anyhow::Result<()> {
+    let bin_dir = world::bin_dir(args.bin_dir.as_ref())?;
+    let (c, warmup, duration) = (args.concurrency, args.warmup(), args.duration());
+    let mut commands = Vec::new();
+    let mut publish = Vec::new();
+    let mut peer_runs = Vec::new();
+    let mut projection = Vec::new();
+    let mut unnest = Vec::new();
+    let mut replay = Vec::new();
+    let mut reads: [Vec<Run>; 6] = Default::default();
+    let mut visible = Vec::new();
+    let mut round_trip = Vec::new();
 
-impl Figure {
-    fn sorted(&self, value: impl Fn(&(LoadResult, f64, f64)) -> f64) -> Vec<f64> {
-        let mut values: Vec<f64> = self.runs.iter().map(value).collect();
-        values.sort_by(f64::total_cmp);
-        values
-    }
-
-    fn median(&self, value: impl Fn(&(LoadResult, f64, f64)) -> f64) -> f64 {
-        let values = self.sorted(value);
-        values.get(values.len() / 2).copied().unwrap_or(0.0)
-    }
-}
-
-async fn measure(
-    server: &Server,
-    run: impl AsyncFn() -> anyhow::Result<LoadResult>,
-) -> anyhow::Result<(LoadResult, f64, f64)> {
-    let server_before = server.cpu_seconds();
-    let own_before = cpu_seconds("/proc/self/stat");
-    let result = run().await?;
-    let server_cpu = server.cpu_seconds() - server_before;
-    let own_cpu = cpu_seconds("/proc/self/stat") - own_before;
-    Ok((result, server_cpu, own_cpu))
-}
-
-async fn reads(args: ReadsArgs) -> anyhow::Result<()> {
-    let bin_dir = match &args.bin_dir {
-        Some(dir) => dir.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("the bench binary has no directory")?
-            .to_path_buf(),
-    };
     let hello = start_hello().await?;
-    let cached = start_query_api(&bin_dir, true).await?;
-    let uncached = start_query_api(&bin_dir, false).await?;
-    let id = seed_student(&args, &cached).await?;
-    let path = format!("/api/students/{id}");
-    let warmup = Duration::from_secs(1);
-    let duration = Duration::from_secs(args.seconds);
-    let c = args.concurrency;
-    let grpc_url = |s: &Server| format!("http://{}", s.grpc);
+    for run in 1..=args.runs {
+        say(&format!("run {run} of {}", args.runs));
+        // Commands, reads and visibility on the real services of one fresh world.
+        let world = World::new().await;
+        let system = world.start_system(&bin_dir).await?;
+        say("create commands over HTTP, and JetStream publish-with-ack");
+        commands.push(figures::create_commands(&system.gateway, c, warmup, duration).await?);
+        publish.push(figures::publish_with_ack(&world.broker, c, warmup, duration).await?);
 
-    let mut figures: Vec<Figure> = [
-        "REST hello-world axum (ceiling)",
-        "REST GET /api/students/{id}, cached",
-        "REST GET /api/students/{id}, uncached (no Redis)",
-        "gRPC hello-world tonic (ceiling)",
-        "gRPC GetStudent, cached",
-        "gRPC GetStudent, uncached (no Redis)",
-    ]
-    .into_iter()
-    .map(|name| Figure {
-        name,
-        runs: Vec::new(),
-    })
-    .collect();
-    for run in 0..args.runs {
-        eprintln!("run {} of {}", run + 1, args.runs);
-        for (i, server) in [&hello, &cached, &uncached].into_iter().enumerate() {
-            let http = measure(server, async || {
-                load::http_get(server.http, &path, READ_KEY, c, warmup, duration).await
-            })
-            .await?;
-            figures[i].runs.push(http);
-            let grpc = measure(server, async || {
-                load::grpc_get_student(
-                    &grpc_url(server),
-                    &id,
-                    READ_KEY,
+        say("reads: REST and gRPC, cached and uncached, and hello-world ceilings");
+        let id = seed_student(&system).await?;
+        let path = format!("/api/students/{id}");
+        for (i, server) in [&hello, &system.query, &system.query_uncached]
+            .into_iter()
+            .enumerate()
+        {
+            let api_key = world::READ_KEY;
+            reads[i].push(
+                figures::measured(Some(server), async || {
+                    load::http_get(server.http, &path, api_key, c, warmup, duration).await
+                })
+                .await?,
+            );
+            let grpc = format!("http://{}", server.grpc.context("a gRPC port")?);
+            reads[i + 3].push(
+                figures::measured(Some(server), async || {
+                    load::grpc_get_student(&grpc, &id, api_key, c, 4, warmup, duration).await
+                })
+                .await?,
+            );
+        }
+
+        say("command accepted -> visible, at half the measured command rate");
+        let rate = (commands.last().map_or(100.0, |r| r.rate) / 2.0).max(10.0);
+        visible.push(figures::accepted_to_visible(&world, &system.gateway, rate, duration).await?);
+        round_trip
+            .push(figures::round_trip_ceiling(&world, if args.tiny { 50 } else { 1000 }).await?);
+        drop(system);
+        world.cleanup().await;
+
+        say("the peer: cqrs-es + postgres-es");
+        let peer_world = World::new().await;
+        let peer = start_peer(&peer_world.db.url).await?;
+        peer_runs.push(
+            figures::measured(Some(&peer), async || {
+                load::http_load(
+                    peer.http,
+                    hyper::StatusCode::CREATED,
                     c,
-                    args.grpc_connections,
                     warmup,
                     duration,
+                    || load::HttpRequest {
+                        method: hyper::Method::POST,
+                        path: "/api/students".into(),
+                        api_key: world::WRITE_KEY,
+                        body: Some(hyper::body::Bytes::from_static(
+                            br#"{"name":"Bench B","first_name":"Bench","last_name":"Student"}"#,
+                        )),
+                    },
                 )
                 .await
             })
-            .await?;
-            figures[i + 3].runs.push(grpc);
-        }
-    }
-
-    println!(
-        "Reads: {c} requests in flight, {} s per run after 1 s warm-up, {} runs; load generator and servers share the machine.\n",
-        args.seconds, args.runs
-    );
-    println!(
-        "| figure | req/s min / median / max | p50 ms | p99 ms | errors | server CPU s | load generator CPU s |"
-    );
-    println!("|---|---|---|---|---|---|---|");
-    for figure in &figures {
-        let rates = figure.sorted(|(r, _, _)| r.per_second());
-        println!(
-            "| {} | {:.0} / {:.0} / {:.0} | {:.2} | {:.2} | {} | {:.1} | {:.1} |",
-            figure.name,
-            rates.first().copied().unwrap_or(0.0),
-            figure.median(|(r, _, _)| r.per_second()),
-            rates.last().copied().unwrap_or(0.0),
-            figure.median(|(r, _, _)| r.p50_ms()),
-            figure.median(|(r, _, _)| r.p99_ms()),
-            figure.runs.iter().map(|(r, _, _)| r.errors).sum::<u64>(),
-            figure.median(|(_, server, _)| *server),
-            figure.median(|(_, _, own)| *own),
+            .await?,
         );
+        drop(peer);
+        peer_world.cleanup().await;
+
+        say(&format!(
+            "projector on a backlog of {} events, and raw UNNEST upserts",
+            args.projection_events
+        ));
+        let (system_run, ceiling_run) = figures::projection(args.projection_events).await?;
+        projection.push(system_run);
+        unnest.push(ceiling_run);
+
+        say(&format!(
+            "full replay of about {} events while reads are served",
+            args.replay_events
+        ));
+        replay.push(figures::full_replay(args.replay_events).await?);
     }
-    let ratio = |system: usize, ceiling: usize| {
-        100.0 * figures[system].median(|(r, _, _)| r.per_second())
-            / figures[ceiling].median(|(r, _, _)| r.per_second()).max(1.0)
-    };
-    println!(
-        "\nCached REST is {:.0} % of the axum ceiling; cached gRPC is {:.0} % of the tonic ceiling (medians).",
-        ratio(1, 0),
-        ratio(4, 3)
+    drop(hello);
+
+    let replay_notes: Vec<String> = replay.iter().map(|r| r.note.clone()).collect();
+    let rows = rows(
+        &args, commands, publish, peer_runs, projection, unnest, replay, reads, visible, round_trip,
     );
+    let table = report::table(&rows);
+    println!("{table}");
+    println!("Replay runs: {}.", replay_notes.join("; "));
+    if args.tiny {
+        say("tiny run: nothing written");
+        return Ok(());
+    }
+    let command_line = std::env::args().collect::<Vec<_>>().join(" ");
+    let document = format!(
+        "# Benchmarks\n\n\
+         Measured by `scripts/dev bench all` (here: `{command_line}`) on {date}.\n\n\
+         Machine: {machine}. Load generator, services, NATS, Postgres and Redis share it.\n\
+         Settings: {c} requests in flight, {secs} s per load measurement after a 1 s warm-up,\n\
+         {runs} runs (median, min – max); projector backlog {pe} events; replay of about {re} events.\n\
+         CPU columns: seconds used by the measured service process / by the bench process\n\
+         (NATS, Postgres and Redis are not counted; 0 where the measured code runs inside\n\
+         the bench process).\n\n{table}\nReplay runs: {notes}.\n\n![throughput and latency](bench.png)\n",
+        notes = replay_notes.join("; "),
+        date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+        machine = report::machine(),
+        secs = args.seconds,
+        runs = args.runs,
+        pe = args.projection_events,
+        re = args.replay_events,
+    );
+    std::fs::write(&args.output, document)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    report::chart(&rows, &args.chart)?;
+    say(&format!(
+        "wrote {} and {}",
+        args.output.display(),
+        args.chart.display()
+    ));
     Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rows(
+    args: &Args,
+    commands: Vec<Run>,
+    publish: Vec<Run>,
+    peer: Vec<Run>,
+    projection: Vec<Run>,
+    unnest: Vec<Run>,
+    replay: Vec<Run>,
+    reads: [Vec<Run>; 6],
+    visible: Vec<Run>,
+    round_trip: Vec<Run>,
+) -> Vec<Row> {
+    let rate = |runs: &[Run]| median(runs, |r| r.rate);
+    let p99 = |runs: &[Run]| median(runs, |r| r.p99_ms);
+    let ratio = |a: &[Run], b: &[Run]| rate(a) / rate(b).max(1e-9);
+    let [
+        hello_rest,
+        rest,
+        rest_uncached,
+        hello_grpc,
+        grpc,
+        grpc_uncached,
+    ] = reads;
+    let replay_seconds = median(&replay, |r| r.p50_ms);
+    let replay_failed: u64 = replay.iter().map(|r| r.errors).sum();
+    let replay_ceiling: Vec<Run> = unnest
+        .iter()
+        .map(|r| Run {
+            rate: r.rate,
+            ..Run::default()
+        })
+        .collect();
+    let commands_met =
+        rate(&commands) >= 20_000.0 && p99(&commands) <= 10.0 && ratio(&commands, &publish) >= 0.5;
+    let rest_met = rate(&rest) >= 30_000.0 && p99(&rest) <= 5.0 && ratio(&rest, &hello_rest) >= 0.6;
+    let grpc_met = rate(&grpc) >= 20_000.0 && p99(&grpc) <= 5.0 && ratio(&grpc, &hello_grpc) >= 0.6;
+    let peer_met = rate(&commands) > rate(&peer);
+    vec![
+        Row {
+            figure: "create commands over HTTP (expected sequence + Nats-Msg-Id)".into(),
+            unit: "/s",
+            met: Some(commands_met),
+            runs: commands.clone(),
+            ceiling_name: "JetStream publish-with-ack".into(),
+            ceiling: publish,
+            target: "≥ 20 000/s, p99 ≤ 10 ms, ≥ 50 %".into(),
+            chart: true,
+        },
+        Row {
+            figure: "projector into Postgres, live (backlog)".into(),
+            unit: "events/s",
+            met: Some(rate(&projection) >= 40_000.0 && ratio(&projection, &unnest) >= 0.6),
+            runs: projection,
+            ceiling_name: "INSERT … SELECT FROM UNNEST … ON CONFLICT, 500 rows/tx".into(),
+            ceiling: unnest,
+            target: "≥ 40 000 events/s, ≥ 60 %".into(),
+            chart: true,
+        },
+        Row {
+            figure: format!(
+                "full replay of {} events into a fresh model ({replay_seconds:.1} s median; {replay_failed} failed reads)",
+                args.replay_events
+            ),
+            unit: "events/s",
+            met: Some(
+                replay_seconds <= 30.0 * args.replay_events as f64 / 1_000_000.0
+                    && replay_failed == 0,
+            ),
+            runs: replay,
+            ceiling_name: "the UNNEST ceiling".into(),
+            ceiling: replay_ceiling,
+            target: "1 M in ≤ 30 s, reads served".into(),
+            chart: true,
+        },
+        Row {
+            figure: "cached GET /api/students/{id} (REST)".into(),
+            unit: "req/s",
+            met: Some(rest_met),
+            runs: rest,
+            ceiling_name: "hello-world axum".into(),
+            ceiling: hello_rest,
+            target: "≥ 30 000/s, p99 ≤ 5 ms, ≥ 60 %".into(),
+            chart: true,
+        },
+        Row {
+            figure: "cached GetStudent (gRPC)".into(),
+            unit: "req/s",
+            met: Some(grpc_met),
+            runs: grpc,
+            ceiling_name: "hello-world tonic".into(),
+            ceiling: hello_grpc,
+            target: "≥ 20 000/s, p99 ≤ 5 ms, ≥ 60 %".into(),
+            chart: true,
+        },
+        Row {
+            figure: "uncached GET /api/students/{id} (no Redis)".into(),
+            unit: "req/s",
+            met: None,
+            runs: rest_uncached,
+            ceiling_name: String::new(),
+            ceiling: Vec::new(),
+            target: "—".into(),
+            chart: false,
+        },
+        Row {
+            figure: "uncached GetStudent (no Redis)".into(),
+            unit: "req/s",
+            met: None,
+            runs: grpc_uncached,
+            ceiling_name: String::new(),
+            ceiling: Vec::new(),
+            target: "—".into(),
+            chart: false,
+        },
+        Row {
+            figure: "command accepted → visible on the query side (commands/s sent)".into(),
+            unit: "/s",
+            met: Some(p99(&visible) <= 25.0),
+            runs: visible,
+            ceiling_name: "JetStream round trip + one Postgres commit".into(),
+            ceiling: round_trip,
+            target: "p99 ≤ 25 ms at half the max command rate".into(),
+            chart: true,
+        },
+        Row {
+            figure: "peer: the same create command on cqrs-es + postgres-es".into(),
+            unit: "/s",
+            met: Some(peer_met),
+            runs: peer,
+            ceiling_name: "ours (create commands above)".into(),
+            ceiling: commands,
+            target: "ours faster".into(),
+            chart: true,
+        },
+    ]
 }
