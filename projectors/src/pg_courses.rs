@@ -11,7 +11,9 @@ use uuid::Uuid;
 
 use crate::course_document::{self, CourseDocument};
 use crate::generation::Generation;
-use crate::pg_students::{lock_checkpoint, read_checkpoint, sequence_to_db, write_checkpoint};
+use crate::pg_students::{
+    begin_batch, lock_checkpoint, read_checkpoint, sequence_to_db, write_checkpoint,
+};
 use crate::store::{BatchOutcome, ProjectionStore, StoreError};
 
 const PROJECTION: Projection = Projection::Courses;
@@ -130,7 +132,7 @@ impl PgCourses {
         id: Uuid,
         history: &[(u64, Event)],
     ) -> Result<usize, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = begin_batch(&self.pool).await?;
         let checkpoint = lock_checkpoint(&mut tx, &self.sql.checkpoint_key).await?;
         let mut document = None;
         let mut applied = 0;
@@ -215,7 +217,7 @@ impl ProjectionStore for PgCourses {
         batch: &[(u64, Event)],
         through_sequence: u64,
     ) -> Result<BatchOutcome, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = begin_batch(&self.pool).await?;
         let mut outcome = BatchOutcome {
             checkpoint: lock_checkpoint(&mut tx, &self.sql.checkpoint_key).await?,
             ..BatchOutcome::default()
