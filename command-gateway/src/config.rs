@@ -15,6 +15,9 @@ pub struct Config {
     /// Address the HTTP API listens on.
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
     pub listen_addr: SocketAddr,
+    /// Serve `/metrics` (and `/healthz`) on this address instead of the main port.
+    #[arg(long, env = "METRICS_LISTEN_ADDR")]
+    pub metrics_listen_addr: Option<SocketAddr>,
     /// API keys as `write:KEY,read:KEY,...`; writes need a write key.
     #[arg(long, env = "API_KEYS", hide_env_values = true)]
     pub api_keys: ApiKeys,

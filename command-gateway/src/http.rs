@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use service_kit::auth::{API_KEY_HEADER, ScopeGuard, require_scope};
 use service_kit::json::JsonBody;
+use service_kit::trace::{self, SpanContext};
 use service_kit::{ApiKeys, FieldError, Problem, Scope, health, metrics, problem};
+use tracing::Instrument;
 use utoipa::{OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 use uuid::Uuid;
@@ -75,6 +77,7 @@ pub fn router(state: AppState, keys: ApiKeys, body_limit_bytes: usize) -> Router
             metrics::HttpMetrics::new(),
             metrics::track_http,
         ))
+        .layer(middleware::from_fn(trace::trace_requests))
         .fallback(problem::route_not_found)
         .method_not_allowed_fallback(problem::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit_bytes))
@@ -494,33 +497,36 @@ where
         Err(problem) => return problem.into_response(),
     };
     let context = CommandContext::from_headers(&headers);
-    let task = tokio::spawn(async move {
-        let claim = match headers.get(IDEMPOTENCY_KEY_HEADER) {
-            None => None,
-            Some(raw) => {
-                let key = idempotency::parse_key(raw.as_bytes()).map_err(Outcome::from)?;
-                let client = headers
-                    .get(API_KEY_HEADER)
-                    .map(|v| v.as_bytes())
-                    .unwrap_or_default();
-                match state.idempotency.begin(client, key, fingerprint).await {
-                    Ok(Begin::Replay(outcome)) => {
-                        return Ok(outcome.with_header(IDEMPOTENT_REPLAY_HEADER, "true"));
+    let task = tokio::spawn(
+        async move {
+            let claim = match headers.get(IDEMPOTENCY_KEY_HEADER) {
+                None => None,
+                Some(raw) => {
+                    let key = idempotency::parse_key(raw.as_bytes()).map_err(Outcome::from)?;
+                    let client = headers
+                        .get(API_KEY_HEADER)
+                        .map(|v| v.as_bytes())
+                        .unwrap_or_default();
+                    match state.idempotency.begin(client, key, fingerprint).await {
+                        Ok(Begin::Replay(outcome)) => {
+                            return Ok(outcome.with_header(IDEMPOTENT_REPLAY_HEADER, "true"));
+                        }
+                        Ok(Begin::Claimed(claim)) => Some(claim),
+                        Err(problem) => return Err(problem.into()),
                     }
-                    Ok(Begin::Claimed(claim)) => Some(claim),
-                    Err(problem) => return Err(problem.into()),
                 }
+            };
+            let idempotency = state.idempotency.clone();
+            let outcome = match body(state, context, if_match).await {
+                Ok(outcome) | Err(outcome) => outcome,
+            };
+            if let Some(claim) = claim {
+                idempotency.finish(claim, &outcome).await;
             }
-        };
-        let idempotency = state.idempotency.clone();
-        let outcome = match body(state, context, if_match).await {
-            Ok(outcome) | Err(outcome) => outcome,
-        };
-        if let Some(claim) = claim {
-            idempotency.finish(claim, &outcome).await;
+            Ok::<Outcome, Outcome>(outcome)
         }
-        Ok::<Outcome, Outcome>(outcome)
-    });
+        .in_current_span(),
+    );
     match task.await {
         Ok(Ok(outcome) | Err(outcome)) => outcome.into_response(),
         Err(error) => {
@@ -608,15 +614,16 @@ impl CommandContext {
         let correlation_id = text(CORRELATION_ID_HEADER)
             .and_then(|v| Uuid::parse_str(v).ok())
             .unwrap_or(command_id);
-        // Keep only a well-formed traceparent; a malformed one must not reach the events.
-        let traceparent = text("traceparent")
-            .filter(|v| is_traceparent(v))
-            .unwrap_or_default()
-            .to_owned();
+        // The trace middleware put this service's own span here (a malformed incoming
+        // value never reaches the events: it started a new trace instead).
+        let traceparent = text(trace::TRACEPARENT)
+            .and_then(SpanContext::parse)
+            .map(|span| span.traceparent())
+            .unwrap_or_default();
         let tracestate = if traceparent.is_empty() {
             String::new()
         } else {
-            text("tracestate")
+            text(trace::TRACESTATE)
                 .unwrap_or_default()
                 .chars()
                 .take(512)
@@ -631,17 +638,6 @@ impl CommandContext {
             },
         }
     }
-}
-
-/// `00-<32 hex>-<16 hex>-<2 hex>` (W3C trace context, version 00).
-fn is_traceparent(value: &str) -> bool {
-    let parts: Vec<&str> = value.split('-').collect();
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    parts.len() == 4
-        && hex(parts[0], 2)
-        && hex(parts[1], 32)
-        && hex(parts[2], 16)
-        && hex(parts[3], 2)
 }
 
 fn aggregate_name(aggregate: AggregateId) -> String {
@@ -714,20 +710,6 @@ mod tests {
     use axum::http::HeaderValue;
 
     use super::*;
-
-    #[test]
-    fn only_well_formed_traceparents_are_kept() {
-        assert!(is_traceparent(
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-        ));
-        assert!(!is_traceparent(
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"
-        ));
-        assert!(!is_traceparent(
-            "zz-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-        ));
-        assert!(!is_traceparent(""));
-    }
 
     #[test]
     fn if_match_parses_lists_and_star_and_never_matches_foreign_tags() {

@@ -7,6 +7,9 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     service_kit::logging::init();
     let app = command_gateway::build(&config).await?;
+    if let Some(addr) = config.metrics_listen_addr {
+        service_kit::metrics::serve_on_own_port(addr).await?;
+    }
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("binding LISTEN_ADDR {}", config.listen_addr))?;

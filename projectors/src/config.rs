@@ -14,6 +14,9 @@ pub struct Config {
     /// Address of the health and metrics endpoints.
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
     pub listen_addr: SocketAddr,
+    /// Serve `/metrics` (and `/healthz`) on this address instead of the main port.
+    #[arg(long, env = "METRICS_LISTEN_ADDR")]
+    pub metrics_listen_addr: Option<SocketAddr>,
     /// Postgres holding the students read model.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,

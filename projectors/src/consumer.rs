@@ -21,6 +21,7 @@ use futures::{FutureExt, StreamExt};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
 use service_kit::metrics;
+use service_kit::trace::SpanContext;
 
 use crate::dead_letters::DeadLetters;
 use crate::redis_cache::RedisInvalidator;
@@ -155,6 +156,34 @@ type Shutdown<'a, F> = std::pin::Pin<&'a mut F>;
 impl<S: ProjectionStore> ProjectionRunner<S> {
     fn projection(&self) -> Projection {
         self.store.projection()
+    }
+
+    /// One debug line per applied event, in a span continuing the event's trace (the
+    /// command's span is its parent), so a request can be followed into the projection.
+    /// Debug only: at tens of thousands of events per second a line each is a cost.
+    fn log_applied(&self, applied: &[(u64, Event)]) {
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return;
+        }
+        for (position, event) in applied {
+            let parent = SpanContext::parse(&event.metadata.trace.traceparent);
+            let span = parent.map_or_else(SpanContext::root, |p| p.child());
+            tracing::debug_span!(
+                "apply",
+                trace_id = %span.trace_id_hex(),
+                span_id = %span.span_id_hex(),
+                parent_span_id = parent.map(|p| p.span_id_hex()),
+            )
+            .in_scope(|| {
+                tracing::debug!(
+                    projection = self.projection().as_str(),
+                    position,
+                    event_id = %event.metadata.event_id,
+                    event_type = event.payload.event_type(),
+                    "event applied"
+                );
+            });
+        }
     }
 
     fn labels(&self) -> [KeyValue; 1] {
@@ -305,7 +334,10 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             .apply_with_retries(&decoded, last_sequence, &batch, shutdown)
             .await;
         let applied = match applied {
-            Ok(applied) => applied,
+            Ok(applied) => {
+                self.log_applied(&decoded);
+                applied
+            }
             Err(Isolate(_)) => {
                 self.apply_one_by_one(
                     dead_letters,
@@ -407,7 +439,10 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                 .apply_with_retries(single, *sequence, batch, shutdown)
                 .await
             {
-                Ok(Some(count)) => applied += count,
+                Ok(Some(count)) => {
+                    self.log_applied(single);
+                    applied += count;
+                }
                 Ok(None) => return Ok(None),
                 Err(Isolate(reason)) => {
                     let Some(message) = by_sequence.get(sequence) else {

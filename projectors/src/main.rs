@@ -35,6 +35,9 @@ async fn main() -> anyhow::Result<()> {
     let progress = Arc::new(ProjectionProgress::default());
     progress.register_gauges();
 
+    if let Some(addr) = config.metrics_listen_addr {
+        service_kit::metrics::serve_on_own_port(addr).await?;
+    }
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("binding LISTEN_ADDR {}", config.listen_addr))?;

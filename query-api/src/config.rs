@@ -12,8 +12,11 @@ pub struct Config {
     /// Address the HTTP API listens on.
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
     pub listen_addr: SocketAddr,
+    /// Serve `/metrics` (and `/healthz`) on this address instead of the main port.
+    #[arg(long, env = "METRICS_LISTEN_ADDR")]
+    pub metrics_listen_addr: Option<SocketAddr>,
     /// Address the gRPC API listens on.
-    #[arg(long, env = "GRPC_LISTEN_ADDR", default_value = "0.0.0.0:9090")]
+    #[arg(long, env = "GRPC_LISTEN_ADDR", default_value = "0.0.0.0:9000")]
     pub grpc_listen_addr: SocketAddr,
     /// API keys as `write:KEY,read:KEY,...`; any key may read.
     #[arg(long, env = "API_KEYS", hide_env_values = true)]

@@ -6,12 +6,14 @@ use std::time::{Duration, Instant};
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
+use service_kit::trace::{self, SpanContext};
 use service_kit::{ApiKeys, Scope, metrics};
 use tokio::net::TcpListener;
 use tonic::metadata::MetadataMap;
 use tonic::service::Interceptor;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::pg_students::StudentView;
@@ -190,13 +192,27 @@ struct GrpcQueries {
 
 impl GrpcQueries {
     /// Runs one call and records its method, status code and duration.
+    /// Runs one call in a span continuing the caller's `traceparent` (metadata), and records
+    /// its method, status code and duration.
     async fn timed<T>(
         &self,
         method: &'static str,
+        metadata: &MetadataMap,
         call: impl Future<Output = Result<T, Status>>,
     ) -> Result<Response<T>, Status> {
         let started = Instant::now();
-        let result = call.await;
+        let traceparent = metadata
+            .get(trace::TRACEPARENT)
+            .and_then(|v| v.to_str().ok());
+        let (context, parent) = SpanContext::continue_or_start(traceparent);
+        let span = tracing::info_span!(
+            "rpc",
+            trace_id = %context.trace_id_hex(),
+            span_id = %context.span_id_hex(),
+            parent_span_id = parent.map(|p| p.span_id_hex()),
+            method,
+        );
+        let result = call.instrument(span).await;
         let code = result
             .as_ref()
             .map_or_else(Status::code, |_| tonic::Code::Ok);
@@ -211,7 +227,7 @@ impl SchoolQuery for GrpcQueries {
         &self,
         request: Request<pb::GetStudentRequest>,
     ) -> Result<Response<pb::Student>, Status> {
-        self.timed("GetStudent", async {
+        self.timed("GetStudent", request.metadata(), async {
             let token = token(request.metadata())?;
             let id = parse_id(&request.get_ref().id, "id")?;
             let student = self.queries.student(id, token).await.map_err(status)?;
@@ -226,7 +242,7 @@ impl SchoolQuery for GrpcQueries {
         &self,
         request: Request<pb::ListStudentsRequest>,
     ) -> Result<Response<pb::ListStudentsResponse>, Status> {
-        self.timed("ListStudents", async {
+        self.timed("ListStudents", request.metadata(), async {
             let token = token(request.metadata())?;
             let body = request.get_ref();
             let page = page_request(body.page_size, &body.page_token)?;
@@ -240,7 +256,7 @@ impl SchoolQuery for GrpcQueries {
         &self,
         request: Request<pb::ListStudentCoursesRequest>,
     ) -> Result<Response<pb::ListCoursesResponse>, Status> {
-        self.timed("ListStudentCourses", async {
+        self.timed("ListStudentCourses", request.metadata(), async {
             let token = token(request.metadata())?;
             let body = request.get_ref();
             let id = parse_id(&body.student_id, "student_id")?;
@@ -260,7 +276,7 @@ impl SchoolQuery for GrpcQueries {
         &self,
         request: Request<pb::GetCourseRequest>,
     ) -> Result<Response<pb::Course>, Status> {
-        self.timed("GetCourse", async {
+        self.timed("GetCourse", request.metadata(), async {
             let token = token(request.metadata())?;
             let id = parse_id(&request.get_ref().id, "id")?;
             let course = self.queries.course(id, token).await.map_err(status)?;
@@ -275,7 +291,7 @@ impl SchoolQuery for GrpcQueries {
         &self,
         request: Request<pb::ListCoursesRequest>,
     ) -> Result<Response<pb::ListCoursesResponse>, Status> {
-        self.timed("ListCourses", async {
+        self.timed("ListCourses", request.metadata(), async {
             let token = token(request.metadata())?;
             let body = request.get_ref();
             let page = page_request(body.page_size, &body.page_token)?;
@@ -289,7 +305,7 @@ impl SchoolQuery for GrpcQueries {
         &self,
         request: Request<pb::ListCourseStudentsRequest>,
     ) -> Result<Response<pb::ListStudentsResponse>, Status> {
-        self.timed("ListCourseStudents", async {
+        self.timed("ListCourseStudents", request.metadata(), async {
             let token = token(request.metadata())?;
             let body = request.get_ref();
             let id = parse_id(&body.course_id, "course_id")?;

@@ -9,7 +9,7 @@ use axum::routing::get;
 use axum::{Json, Router, middleware};
 use serde::{Deserialize, Serialize};
 use service_kit::auth::{ScopeGuard, require_scope};
-use service_kit::{ApiKeys, FieldError, Problem, Scope, health, metrics, problem};
+use service_kit::{ApiKeys, FieldError, Problem, Scope, health, metrics, problem, trace};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 use uuid::Uuid;
@@ -47,6 +47,7 @@ pub fn router(queries: Queries, keys: ApiKeys) -> Router {
             metrics::HttpMetrics::new(),
             metrics::track_http,
         ))
+        .layer(middleware::from_fn(trace::trace_requests))
         .fallback(problem::route_not_found)
         .method_not_allowed_fallback(problem::method_not_allowed)
         .with_state(queries)

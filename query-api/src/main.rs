@@ -9,6 +9,9 @@ async fn main() -> anyhow::Result<()> {
     service_kit::logging::init();
     let queries = query_api::queries(&config).await?;
     let app = query_api::http::router(queries.clone(), config.api_keys.clone());
+    if let Some(addr) = config.metrics_listen_addr {
+        service_kit::metrics::serve_on_own_port(addr).await?;
+    }
     let http_listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("binding LISTEN_ADDR {}", config.listen_addr))?;

@@ -1,5 +1,5 @@
 //! Plumbing every service shares: API-key auth, RFC 9457 problem responses, JSON body
-//! extraction that never answers 5xx for bad input, health endpoints, structured logging,
+//! extraction that never answers 5xx for bad input, health endpoints, structured logging, W3C trace context,
 //! the NATS connection and graceful shutdown. No domain knowledge lives here.
 
 pub mod auth;
@@ -11,6 +11,7 @@ pub mod nats;
 pub mod openapi;
 pub mod problem;
 pub mod shutdown;
+pub mod trace;
 
 pub use auth::{ApiKeys, Scope};
 pub use problem::{FieldError, Problem};

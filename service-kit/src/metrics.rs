@@ -3,17 +3,25 @@
 //!
 //! One registry per process (tests run several servers in one process and share it).
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+
+use anyhow::Context;
 use std::time::Instant;
 
+use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, TextEncoder};
+
+use crate::{health, problem};
 
 /// Latency buckets in seconds: sub-millisecond to seconds.
 pub const LATENCY_BUCKETS: [f64; 14] = [
@@ -81,8 +89,39 @@ pub fn render() -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
-/// `GET /metrics` (unauthenticated, like the health endpoints).
+/// Set once `/metrics` is served on a port of its own: the main port then hides it.
+static ON_OWN_PORT: AtomicBool = AtomicBool::new(false);
+
+/// `GET /metrics` (unauthenticated, like the health endpoints). Answers 404 when
+/// [`serve_on_own_port`] runs, so metrics never leak onto the public port.
 pub async fn metrics_handler() -> Response {
+    if ON_OWN_PORT.load(Ordering::Relaxed) {
+        return problem::route_not_found().await.into_response();
+    }
+    exposition().await
+}
+
+/// Serves `/metrics` and `/healthz` on `addr` (`METRICS_LISTEN_ADDR`), for deployments
+/// that keep them off the public port. Runs until the process ends: a scrape in flight at
+/// shutdown may be cut, which costs nothing.
+pub async fn serve_on_own_port(addr: SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding METRICS_LISTEN_ADDR {addr}"))?;
+    ON_OWN_PORT.store(true, Ordering::Relaxed);
+    let app = Router::new()
+        .route("/metrics", get(exposition))
+        .route("/healthz", get(health::healthz));
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "the metrics listener stopped");
+        }
+    });
+    tracing::info!(%addr, "metrics listening");
+    Ok(())
+}
+
+async fn exposition() -> Response {
     let mut response = render().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -152,5 +191,33 @@ mod tests {
         assert!(text.contains("test_things_total{kind=\"a\"} 3"), "{text}");
         assert!(text.contains("test_wait_duration_seconds_bucket"), "{text}");
         assert!(!text.contains("otel_scope"), "{text}");
+    }
+
+    /// Raw HTTP/1.0 GET on loopback; returns the status line.
+    async fn status_of(addr: SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.0\r\nhost: x\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.expect("read");
+        answer.lines().next().unwrap_or_default().to_owned()
+    }
+
+    #[tokio::test]
+    async fn on_its_own_port_metrics_leave_the_main_port() {
+        assert_eq!(metrics_handler().await.status(), 200);
+        let free = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let addr = free.local_addr().expect("address");
+        drop(free);
+        serve_on_own_port(addr).await.expect("metrics listener");
+        assert!(status_of(addr, "/metrics").await.contains("200"));
+        assert!(status_of(addr, "/healthz").await.contains("200"));
+        assert!(status_of(addr, "/api/students").await.contains("404"));
+        assert_eq!(
+            metrics_handler().await.status(),
+            404,
+            "hidden on the main port"
+        );
     }
 }
