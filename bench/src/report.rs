@@ -12,6 +12,8 @@ use crate::figures::Run;
 /// One row of the table: a figure over its runs, and the ceiling over its runs.
 pub struct Row {
     pub figure: String,
+    /// The figure's name under its bars in the chart.
+    pub label: &'static str,
     pub unit: &'static str,
     pub runs: Vec<Run>,
     pub ceiling_name: String,
@@ -21,6 +23,16 @@ pub struct Row {
     pub met: Option<bool>,
     /// Shown in the chart.
     pub chart: bool,
+    /// What the ratio column compares with the ceiling.
+    pub compare: Compare,
+}
+
+/// The ratio of a row: throughput against the ceiling's, or, for a latency figure, the
+/// ceiling's p99 against ours (both: 100 % = as good as the raw ceiling).
+#[derive(Clone, Copy)]
+pub enum Compare {
+    Rate,
+    P99,
 }
 
 /// Median, min and max of `value` over `runs`.
@@ -49,8 +61,17 @@ fn number(value: f64) -> String {
 
 impl Row {
     pub fn ratio(&self) -> Option<f64> {
-        let ceiling = median(&self.ceiling, |r| r.rate);
-        (ceiling > 0.0).then(|| median(&self.runs, |r| r.rate) / ceiling)
+        match self.compare {
+            Compare::Rate => {
+                let ceiling = median(&self.ceiling, |r| r.rate);
+                (ceiling > 0.0).then(|| median(&self.runs, |r| r.rate) / ceiling)
+            }
+            Compare::P99 => {
+                let ours = median(&self.runs, |r| r.p99_ms);
+                (ours > 0.0 && !self.ceiling.is_empty())
+                    .then(|| median(&self.ceiling, |r| r.p99_ms) / ours)
+            }
+        }
     }
 }
 
@@ -126,7 +147,7 @@ pub fn chart(rows: &[Row], path: &Path) -> anyhow::Result<()> {
     let root = BitMapBackend::new(path, (1200, 900)).into_drawing_area();
     root.fill(&WHITE)?;
     let (top, bottom) = root.split_vertically(450);
-    let labels: Vec<String> = rows.iter().map(|r| short(&r.figure)).collect();
+    let labels: Vec<String> = rows.iter().map(|r| r.label.to_owned()).collect();
 
     let throughput: Vec<(f64, f64)> = rows
         .iter()
@@ -163,15 +184,6 @@ pub fn chart(rows: &[Row], path: &Path) -> anyhow::Result<()> {
     )?;
     root.present()?;
     Ok(())
-}
-
-fn short(figure: &str) -> String {
-    figure
-        .split(['(', ','])
-        .next()
-        .unwrap_or(figure)
-        .trim()
-        .to_owned()
 }
 
 fn bars(

@@ -115,11 +115,18 @@ impl Process {
         grpc: Option<SocketAddr>,
     ) -> anyhow::Result<Process> {
         let http = free_addr()?;
+        // Service logs go to files, for when a measurement looks wrong.
+        let logs = std::env::temp_dir().join("school-bench-logs");
+        std::fs::create_dir_all(&logs)?;
+        let name = binary
+            .file_name()
+            .map_or("service".into(), |n| n.to_string_lossy().into_owned());
+        let log = std::fs::File::create(logs.join(format!("{name}-{}.log", http.port())))?;
         let mut command = Command::new(binary);
         command
             .env("LISTEN_ADDR", http.to_string())
             .env_remove("REDIS_URL")
-            .stdout(Stdio::null());
+            .stdout(Stdio::from(log));
         for (key, value) in env {
             command.env(key, value);
         }
