@@ -66,7 +66,7 @@ struct CommandMetrics {
 impl CommandMetrics {
     fn new() -> Self {
         let meter = metrics::meter();
-        CommandMetrics {
+        let metrics = CommandMetrics {
             commands: meter
                 .u64_counter("commands")
                 .with_description("Commands handled, by command and result")
@@ -79,7 +79,14 @@ impl CommandMetrics {
                 "command.append.duration",
                 "Time for the broker to confirm an append, by single event or atomic batch",
             ),
+        };
+        // A series exists before the first conflict, so dashboards show 0, not "no data".
+        for command in Command::NAMES {
+            metrics
+                .conflicts
+                .add(0, &[KeyValue::new("command", command)]);
         }
+        metrics
     }
 }
 

@@ -73,13 +73,14 @@ pub fn router(state: AppState, keys: ApiKeys, body_limit_bytes: usize) -> Router
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics::metrics_handler))
+        // Before the layers, so unknown routes and wrong methods are counted and traced too.
+        .fallback(problem::route_not_found)
+        .method_not_allowed_fallback(problem::method_not_allowed)
         .layer(middleware::from_fn_with_state(
             metrics::HttpMetrics::new(),
             metrics::track_http,
         ))
         .layer(middleware::from_fn(trace::trace_requests))
-        .fallback(problem::route_not_found)
-        .method_not_allowed_fallback(problem::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit_bytes))
         .with_state(state)
 }

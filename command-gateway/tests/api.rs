@@ -230,6 +230,13 @@ async fn metrics_count_requests_per_route_and_commands_per_result() {
     assert_eq!(created.status(), StatusCode::CREATED);
     let invalid = gateway.post_student_json(json!({"name": "x"})).await;
     assert_eq!(invalid.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let unknown = gateway
+        .http
+        .get(format!("{}/api/nope/{}", gateway.url, Uuid::now_v7()))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
 
     let metrics = gateway
         .http
@@ -245,6 +252,10 @@ async fn metrics_count_requests_per_route_and_commands_per_result() {
         r#"http_server_requests_total{method="POST",route="/api/students",status="201"} 1"#,
         r#"http_server_requests_total{method="POST",route="/api/students",status="422"} 1"#,
         r#"command_append_duration_seconds_count{append="single"} 1"#,
+        // Unknown routes are counted under one bounded label, not their raw path.
+        r#"http_server_requests_total{method="GET",route="unmatched",status="404"} 1"#,
+        // Series exist at zero before the first conflict.
+        r#"command_conflicts_total{command="enroll"} 0"#,
     ] {
         assert!(
             metrics.contains(expected),

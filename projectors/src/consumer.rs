@@ -195,6 +195,16 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         let projection = self.projection();
         let metrics = RunnerMetrics::new();
+        // Series exist before the first dead letter, so dashboards show 0, not "no data".
+        for reason in ["undecodable", "refused"] {
+            metrics.dead_letters.add(
+                0,
+                &[
+                    KeyValue::new("projection", projection.as_str()),
+                    KeyValue::new("reason", reason),
+                ],
+            );
+        }
         tokio::pin!(shutdown);
         loop {
             let subscription = tokio::select! {

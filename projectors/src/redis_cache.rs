@@ -41,13 +41,16 @@ const TTL_SECONDS: u64 = 300;
 impl RedisInvalidator {
     /// Does not connect yet: a Redis that is down at start must not stop the projector.
     pub fn new(redis_url: &str, projection: &'static str) -> anyhow::Result<Self> {
+        let failures = service_kit::metrics::meter()
+            .u64_counter("projection.cache.invalidation.failures")
+            .with_description("Batches whose Redis invalidation failed (keys kept for retry)")
+            .build();
+        // A series exists before the first failure, so dashboards show 0, not "no data".
+        failures.add(0, &[KeyValue::new("projection", projection)]);
         Ok(RedisInvalidator {
             client: redis::Client::open(redis_url)?,
             state: Mutex::new(State::default()),
-            failures: service_kit::metrics::meter()
-                .u64_counter("projection.cache.invalidation.failures")
-                .with_description("Batches whose Redis invalidation failed (keys kept for retry)")
-                .build(),
+            failures,
             projection,
         })
     }
