@@ -2,6 +2,9 @@ use anyhow::Context;
 use clap::Parser;
 use command_gateway::Config;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();

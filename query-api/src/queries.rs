@@ -104,10 +104,15 @@ impl<T> Page<T> {
     }
 }
 
+/// Cheap to clone (one reference count): axum clones the state for every request.
 #[derive(Clone)]
 pub struct Queries {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
     models: ReadModels,
-    cache: Arc<Cache>,
+    cache: Cache,
     names: StreamNames,
     consistency: Consistency,
 }
@@ -120,19 +125,21 @@ impl Queries {
         consistency: Consistency,
     ) -> Self {
         Queries {
-            models,
-            cache: Arc::new(cache),
-            names,
-            consistency,
+            inner: Arc::new(Shared {
+                models,
+                cache,
+                names,
+                consistency,
+            }),
         }
     }
 
     pub fn models(&self) -> &ReadModels {
-        &self.models
+        &self.inner.models
     }
 
     pub fn max_wait(&self) -> std::time::Duration {
-        self.consistency.max_wait()
+        self.inner.consistency.max_wait()
     }
 
     pub async fn student(
@@ -159,7 +166,11 @@ impl Queries {
         token: Option<u64>,
     ) -> Result<Page<StudentView>, QueryError> {
         self.wait(token, &[Projection::Students]).await?;
-        let students = self.models.students(page.after, page.limit + 1).await?;
+        let students = self
+            .inner
+            .models
+            .students(page.after, page.limit + 1)
+            .await?;
         Ok(Page::from_fetched(students, page.limit, |s| s.id))
     }
 
@@ -169,7 +180,11 @@ impl Queries {
         token: Option<u64>,
     ) -> Result<Page<CourseView>, QueryError> {
         self.wait(token, &[Projection::Courses]).await?;
-        let courses = self.models.courses(page.after, page.limit + 1).await?;
+        let courses = self
+            .inner
+            .models
+            .courses(page.after, page.limit + 1)
+            .await?;
         Ok(Page::from_fetched(courses, page.limit, |c| c.id))
     }
 
@@ -187,7 +202,7 @@ impl Queries {
             return Ok(None);
         };
         let ids = related_page(&student.course_ids, page);
-        let courses = self.models.courses_by_id(&ids).await?;
+        let courses = self.inner.models.courses_by_id(&ids).await?;
         Ok(Some(Page::from_fetched(courses, page.limit, |c| c.id)))
     }
 
@@ -205,7 +220,7 @@ impl Queries {
             return Ok(None);
         };
         let ids = related_page(&course.student_ids, page);
-        let students = self.models.students_by_id(&ids).await?;
+        let students = self.inner.models.students_by_id(&ids).await?;
         Ok(Some(Page::from_fetched(students, page.limit, |s| s.id)))
     }
 
@@ -216,7 +231,7 @@ impl Queries {
     ) -> Result<Required, QueryError> {
         match token {
             None => Ok(Required::default()),
-            Some(token) => Ok(self.consistency.wait_for(token, projections).await?),
+            Some(token) => Ok(self.inner.consistency.wait_for(token, projections).await?),
         }
     }
 
@@ -226,13 +241,18 @@ impl Queries {
         id: Uuid,
         min_position: u64,
     ) -> Result<Option<StudentView>, QueryError> {
-        let key = self.names.cache_key(AggregateKind::Student, id);
+        let key = self.inner.names.cache_key(AggregateKind::Student, id);
         let student = self
+            .inner
             .cache
             .get_or_load(&key, min_position, || async {
                 // Position first: the row read after it is at least that fresh.
-                let position = self.models.applied_position(Projection::Students).await?;
-                Ok::<_, ReadError>((position, self.models.student(id).await?))
+                let position = self
+                    .inner
+                    .models
+                    .applied_position(Projection::Students)
+                    .await?;
+                Ok::<_, ReadError>((position, self.inner.models.student(id).await?))
             })
             .await?;
         Ok(student)
@@ -243,12 +263,17 @@ impl Queries {
         id: Uuid,
         min_position: u64,
     ) -> Result<Option<CourseView>, QueryError> {
-        let key = self.names.cache_key(AggregateKind::Course, id);
+        let key = self.inner.names.cache_key(AggregateKind::Course, id);
         let course = self
+            .inner
             .cache
             .get_or_load(&key, min_position, || async {
-                let position = self.models.applied_position(Projection::Courses).await?;
-                Ok::<_, ReadError>((position, self.models.course(id).await?))
+                let position = self
+                    .inner
+                    .models
+                    .applied_position(Projection::Courses)
+                    .await?;
+                Ok::<_, ReadError>((position, self.inner.models.course(id).await?))
             })
             .await?;
         Ok(course)
