@@ -1,5 +1,10 @@
+{{/* <release>-school, or just the release name when it already says school. */}}
 {{- define "school.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
 {{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "school.labels" -}}
@@ -10,10 +15,205 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
+{{/* Selector of one component: call with (dict "root" $ "name" "query-api"). */}}
+{{- define "school.selectorLabels" -}}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/name: {{ .name }}
+{{- end -}}
+
 {{- define "school.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
-{{- define "school.secretName" -}}
-{{ .Values.existingSecret | default (include "school.fullname" .) }}
+{{- define "school.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/*
+A generated secret value (base64) that survives upgrades: the value already in the cluster
+when there is one, a fresh random one otherwise (always so under `helm template`).
+Call with (dict "root" $ "name" SECRET "key" KEY).
+*/}}
+{{- define "school.generatedSecretValue" -}}
+{{- $existing := lookup "v1" "Secret" .root.Release.Namespace .name -}}
+{{- if and $existing $existing.data (hasKey $existing.data .key) -}}
+{{- index $existing.data .key -}}
+{{- else -}}
+{{- randAlphaNum 40 | b64enc -}}
+{{- end -}}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- NATS */}}
+
+{{/* The NATS URL: jetstream.url, or the Service of the in-chart NATS (named as that chart names it). */}}
+{{- define "school.natsUrl" -}}
+{{- if .Values.jetstream.url -}}
+{{- .Values.jetstream.url -}}
+{{- else if .Values.nats.enabled -}}
+{{- $name := default "nats" .Values.nats.nameOverride -}}
+{{- $fullname := printf "%s-%s" .Release.Name $name -}}
+{{- if contains $name .Release.Name }}{{ $fullname = .Release.Name }}{{ end -}}
+{{- $fullname = default $fullname .Values.nats.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+nats://{{ $fullname }}.{{ .Release.Namespace }}.svc:4222
+{{- else -}}
+{{- fail "jetstream.url is required when nats.enabled is false" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* NATS connection settings of every container (services and stream-admin). */}}
+{{- define "school.natsEnv" -}}
+- name: NATS_URL
+  value: {{ include "school.natsUrl" . | quote }}
+- name: STREAM_PREFIX
+  value: {{ .Values.jetstream.streamPrefix | quote }}
+{{- with .Values.jetstream.auth }}
+{{- if .existingSecret }}
+{{- if and .credsKey .nkeyKey }}{{ fail "jetstream.auth: set credsKey or nkeyKey, not both" }}{{ end }}
+{{- if not (or .credsKey .nkeyKey) }}{{ fail "jetstream.auth.existingSecret needs credsKey or nkeyKey" }}{{ end }}
+{{- if .credsKey }}
+- name: NATS_CREDS_FILE
+  value: /etc/school/nats-auth/{{ .credsKey }}
+{{- else }}
+- name: NATS_NKEY_FILE
+  value: /etc/school/nats-auth/{{ .nkeyKey }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- with .Values.jetstream.tls }}
+{{- if .enabled }}
+- name: NATS_TLS_CA_FILE
+  value: /etc/school/nats-tls/ca.crt
+- name: NATS_REQUIRE_TLS
+  value: "true"
+{{- if .clientCertificate }}
+- name: NATS_TLS_CERT_FILE
+  value: /etc/school/nats-tls/tls.crt
+- name: NATS_TLS_KEY_FILE
+  value: /etc/school/nats-tls/tls.key
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "school.natsVolumeMounts" -}}
+{{- if .Values.jetstream.auth.existingSecret }}
+- name: nats-auth
+  mountPath: /etc/school/nats-auth
+  readOnly: true
+{{- end }}
+{{- if .Values.jetstream.tls.enabled }}
+- name: nats-tls
+  mountPath: /etc/school/nats-tls
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "school.natsVolumes" -}}
+{{- if .Values.jetstream.auth.existingSecret }}
+- name: nats-auth
+  secret:
+    secretName: {{ .Values.jetstream.auth.existingSecret }}
+{{- end }}
+{{- if .Values.jetstream.tls.enabled }}
+- name: nats-tls
+  secret:
+    secretName: {{ required "jetstream.tls.existingSecret is required when jetstream.tls.enabled" .Values.jetstream.tls.existingSecret }}
+{{- end }}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- secrets and URLs */}}
+
+{{- define "school.writeKeySecret" -}}
+{{- .Values.apiKeys.existingWriteSecret | default (printf "%s-write-key" (include "school.fullname" .)) -}}
+{{- end -}}
+
+{{- define "school.readKeySecret" -}}
+{{- .Values.apiKeys.existingReadSecret | default (printf "%s-read-key" (include "school.fullname" .)) -}}
+{{- end -}}
+
+{{/* API_KEYS from the two key Secrets (Kubernetes expands $(VAR) from earlier entries). */}}
+{{- define "school.apiKeysEnv" -}}
+- name: SCHOOL_WRITE_KEY
+  valueFrom:
+    secretKeyRef: { name: {{ include "school.writeKeySecret" . }}, key: key }
+- name: SCHOOL_READ_KEY
+  valueFrom:
+    secretKeyRef: { name: {{ include "school.readKeySecret" . }}, key: key }
+- name: API_KEYS
+  value: "write:$(SCHOOL_WRITE_KEY),read:$(SCHOOL_READ_KEY)"
+{{- end -}}
+
+{{- define "school.postgresql.fullname" -}}
+{{- printf "%s-postgresql" (include "school.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- define "school.postgresql.secret" -}}
+{{- .Values.postgresql.auth.existingSecret | default (include "school.postgresql.fullname" .) -}}
+{{- end -}}
+
+{{- define "school.mongodb.fullname" -}}
+{{- printf "%s-mongodb" (include "school.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- define "school.mongodb.secret" -}}
+{{- .Values.mongodb.auth.existingSecret | default (include "school.mongodb.fullname" .) -}}
+{{- end -}}
+
+{{- define "school.redis.fullname" -}}
+{{- printf "%s-redis" (include "school.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- define "school.redis.secret" -}}
+{{- .Values.redis.auth.existingSecret | default (include "school.redis.fullname" .) -}}
+{{- end -}}
+
+{{/*
+DATABASE_URL, COURSES_STORE_URL and REDIS_URL: built from the in-chart databases' Secrets
+(the password stays in one Secret; Kubernetes expands $(VAR)), or taken from
+externalDatabases.existingSecret. An unset COURSES_STORE_URL puts courses in Postgres; an
+unset REDIS_URL turns the cache off.
+*/}}
+{{- define "school.readModelsEnv" -}}
+{{- $external := .Values.externalDatabases.existingSecret -}}
+{{- if .Values.postgresql.enabled }}
+- name: SCHOOL_POSTGRES_PASSWORD
+  valueFrom:
+    secretKeyRef: { name: {{ include "school.postgresql.secret" . }}, key: POSTGRES_PASSWORD }
+- name: DATABASE_URL
+  value: "postgres://{{ .Values.postgresql.username }}:$(SCHOOL_POSTGRES_PASSWORD)@{{ include "school.postgresql.fullname" . }}:5432/{{ .Values.postgresql.database }}"
+{{- else }}
+- name: DATABASE_URL
+  valueFrom:
+    secretKeyRef: { name: {{ required "externalDatabases.existingSecret (with DATABASE_URL) is required when postgresql.enabled is false" $external }}, key: DATABASE_URL }
+{{- end }}
+{{- if .Values.mongodb.enabled }}
+- name: SCHOOL_MONGODB_PASSWORD
+  valueFrom:
+    secretKeyRef: { name: {{ include "school.mongodb.secret" . }}, key: MONGO_INITDB_ROOT_PASSWORD }
+- name: COURSES_STORE_URL
+  value: "mongodb://root:$(SCHOOL_MONGODB_PASSWORD)@{{ include "school.mongodb.fullname" . }}:27017/{{ .Values.mongodb.database }}?authSource=admin"
+{{- else if $external }}
+- name: COURSES_STORE_URL
+  valueFrom:
+    secretKeyRef: { name: {{ $external }}, key: COURSES_STORE_URL, optional: true }
+{{- end }}
+{{- if .Values.redis.enabled }}
+- name: SCHOOL_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef: { name: {{ include "school.redis.secret" . }}, key: REDIS_PASSWORD }
+- name: REDIS_URL
+  value: "redis://:$(SCHOOL_REDIS_PASSWORD)@{{ include "school.redis.fullname" . }}:6379"
+{{- else if $external }}
+- name: REDIS_URL
+  valueFrom:
+    secretKeyRef: { name: {{ $external }}, key: REDIS_URL, optional: true }
+{{- end }}
+{{- end -}}
+
+{{/* Pod-level settings shared by every pod of the chart's own image. */}}
+{{- define "school.podSettings" -}}
+automountServiceAccountToken: false
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- include "school.imagePullSecrets" . }}
 {{- end -}}
