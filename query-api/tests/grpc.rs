@@ -356,6 +356,13 @@ async fn errors_have_the_grpc_codes_of_their_rest_statuses() {
         code(client.get_student(wrong_key).await),
         Code::Unauthenticated
     );
+    // Refused calls are counted under their method, not as "unknown".
+    let exposition = service_kit::metrics::render();
+    assert!(
+        exposition
+            .contains(r#"rpc_server_requests_total{code="Unauthenticated",method="GetStudent"} 2"#),
+        "{exposition}"
+    );
 
     // Nothing projects: a token cannot be reached in time.
     let ada = system.register_student("Ada L").await;
