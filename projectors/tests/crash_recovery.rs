@@ -10,15 +10,8 @@ use std::time::Duration;
 use command_gateway::commands::{CommandContext, CommandService};
 use command_gateway::domain::{Command as DomainCommand, CourseDraft, Snapshot, StudentDraft};
 use projectors::{CourseStore, PgStudents};
-use test_support::{TestBroker, TestDatabase};
+use test_support::{TestBroker, TestDatabase, free_port};
 use uuid::Uuid;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// One projectors process on this test's streams and database.
 struct Projectors {

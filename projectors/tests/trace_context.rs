@@ -19,20 +19,16 @@ impl Drop for Projectors {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// Starts the projectors binary with per-event debug logs and hands its stdout lines over.
 fn start_projectors(prefix: &str, database_url: &str) -> (Projectors, mpsc::Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_projectors"))
         .env("NATS_URL", test_support::nats_url())
         .env("DATABASE_URL", database_url)
         .env("STREAM_PREFIX", prefix)
-        .env("LISTEN_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env(
+            "LISTEN_ADDR",
+            format!("127.0.0.1:{}", test_support::free_port()),
+        )
         .env("RUST_LOG", "warn,projectors::consumer=debug")
         .env_remove("REDIS_URL")
         .env_remove("COURSES_STORE_URL")

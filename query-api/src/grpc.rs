@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
-use service_kit::trace::{self, SpanContext};
+use service_kit::trace;
 use service_kit::{ApiKeys, Scope, metrics};
 use tokio::net::TcpListener;
 use tonic::metadata::MetadataMap;
@@ -157,14 +157,7 @@ impl GrpcQueries {
         let traceparent = metadata
             .get(trace::TRACEPARENT)
             .and_then(|v| v.to_str().ok());
-        let (context, parent) = SpanContext::continue_or_start(traceparent);
-        let span = tracing::info_span!(
-            "rpc",
-            trace_id = %context.trace_id_hex(),
-            span_id = %context.span_id_hex(),
-            parent_span_id = parent.map(|p| p.span_id_hex()),
-            method,
-        );
+        let (_, span) = trace::server_span(traceparent, method);
         let presented = metadata.get(API_KEY_METADATA).map(|value| value.as_bytes());
         let result = match self.keys.authorize(presented, Scope::Read) {
             Ok(_) => call.instrument(span).await,

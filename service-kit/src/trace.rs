@@ -112,28 +112,34 @@ fn random_u64() -> u64 {
         .finish()
 }
 
-/// Middleware: every request runs in a `request` span carrying `trace_id`, `span_id` and
-/// `parent_span_id`, so each log line written while serving it names its trace. Behind this
-/// middleware the request's `traceparent` header names the service's own span — the parent
-/// of anything a handler passes the trace on to (the command gateway writes it into the
-/// events) — and the [`SpanContext`] is in the request extensions.
-pub async fn trace_requests(mut request: Request, next: Next) -> Response {
-    let traceparent = request
-        .headers()
-        .get(TRACEPARENT)
-        .and_then(|v| v.to_str().ok());
+/// The span a server runs one incoming request or call in: it continues `traceparent` if
+/// well formed, otherwise starts a trace, and carries `trace_id`, `span_id`,
+/// `parent_span_id` and `method` (HTTP method or RPC name), so every log line written
+/// inside names its trace. Returns the service's own [`SpanContext`] too.
+pub fn server_span(traceparent: Option<&str>, method: &str) -> (SpanContext, tracing::Span) {
     let (context, parent) = SpanContext::continue_or_start(traceparent);
     let span = tracing::info_span!(
         "request",
         trace_id = %context.trace_id_hex(),
         span_id = %context.span_id_hex(),
         parent_span_id = parent.map(|p| p.span_id_hex()),
-        method = %request.method(),
+        method,
     );
+    (context, span)
+}
+
+/// Middleware: every HTTP request runs in a [`server_span`]. Behind this middleware the
+/// request's `traceparent` header names the service's own span — the parent of anything a
+/// handler passes the trace on to (the command gateway writes it into the events).
+pub async fn trace_requests(mut request: Request, next: Next) -> Response {
+    let traceparent = request
+        .headers()
+        .get(TRACEPARENT)
+        .and_then(|v| v.to_str().ok());
+    let (context, span) = server_span(traceparent, request.method().as_str());
     if let Ok(own) = HeaderValue::from_str(&context.traceparent()) {
         request.headers_mut().insert(TRACEPARENT, own);
     }
-    request.extensions_mut().insert(context);
     next.run(request).instrument(span).await
 }
 
