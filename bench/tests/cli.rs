@@ -16,7 +16,10 @@ fn help_lists_the_all_command_and_its_options() {
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     for option in ["--tiny", "--seconds", "--runs", "--concurrency", "--output"] {
-        assert!(help.contains(option), "`all --help` lacks {option}:\n{help}");
+        assert!(
+            help.contains(option),
+            "`all --help` lacks {option}:\n{help}"
+        );
     }
 }
 

@@ -3,8 +3,8 @@
 use std::net::SocketAddr;
 
 use events::StreamNames;
-use service_kit::ApiKeys;
 use service_kit::nats::NatsArgs;
+use service_kit::{ApiKeys, RateLimitArgs};
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -21,6 +21,8 @@ pub struct Config {
     /// API keys as `write:KEY,read:KEY,...`; writes need a write key.
     #[arg(long, env = "API_KEYS", hide_env_values = true)]
     pub api_keys: ApiKeys,
+    #[command(flatten)]
+    pub rate_limit: RateLimitArgs,
     /// Prefix of every stream, subject and bucket name.
     #[arg(long, env = "STREAM_PREFIX", default_value = "school")]
     pub stream_prefix: StreamNames,
@@ -29,4 +31,14 @@ pub struct Config {
     pub body_limit_bytes: usize,
     #[command(flatten)]
     pub nats: NatsArgs,
+}
+
+impl Config {
+    /// The API keys with their per-key rate limit: build once and share the clones, so
+    /// every route (and, in query-api, both protocols) spends the same budget.
+    pub fn limited_api_keys(&self) -> ApiKeys {
+        self.api_keys
+            .clone()
+            .with_rate_limit(self.rate_limit.limit())
+    }
 }

@@ -52,7 +52,7 @@ pub async fn build(config: &Config) -> anyhow::Result<axum::Router> {
     let state = app_state(nats, config.stream_prefix.clone()).await?;
     Ok(http::router(
         state,
-        config.api_keys.clone(),
+        config.limited_api_keys(),
         config.body_limit_bytes,
     ))
 }

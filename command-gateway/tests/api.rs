@@ -191,6 +191,56 @@ async fn writes_need_a_write_key() {
 }
 
 #[tokio::test]
+async fn a_key_over_its_rate_gets_429_with_retry_after_and_appends_nothing() {
+    let keys = test_support::api_keys().with_rate_limit(service_kit::RateLimit::new(1, 2));
+    let gateway = TestGateway::spawn_with_keys(keys).await;
+    let body = json!({"name": "Ada L", "first_name": "Ada", "last_name": "Lovelace"});
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let response = gateway.post_student_json(body.clone()).await;
+        statuses.push(response.status());
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            let retry_after = response.headers()["retry-after"]
+                .to_str()
+                .expect("ascii")
+                .parse::<u64>()
+                .expect("whole seconds");
+            assert!((1..=2).contains(&retry_after), "Retry-After {retry_after}");
+            assert_eq!(
+                problem(response).await["type"],
+                "urn:school:problem:rate-limited"
+            );
+        }
+    }
+    // A burst of 2, then one per second: the 3rd and 4th (well within a second) are refused.
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::CREATED,
+            StatusCode::CREATED,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
+    assert_eq!(
+        gateway.stored_events().await.len(),
+        2,
+        "a refused command appended"
+    );
+    // The read key has a budget of its own (and is refused for its scope, not its rate).
+    let response = gateway
+        .http
+        .post(format!("{}/api/students", gateway.url))
+        .header("x-api-key", READ_KEY)
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    gateway.broker.cleanup().await;
+}
+
+#[tokio::test]
 async fn unknown_routes_and_methods_are_problems_and_health_is_open() {
     let gateway = TestGateway::spawn().await;
     let response = gateway

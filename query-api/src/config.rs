@@ -3,8 +3,8 @@
 use std::net::SocketAddr;
 
 use events::StreamNames;
-use service_kit::ApiKeys;
 use service_kit::nats::NatsArgs;
+use service_kit::{ApiKeys, RateLimitArgs};
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "query-api", about = "Read side of the school system")]
@@ -21,6 +21,8 @@ pub struct Config {
     /// API keys as `write:KEY,read:KEY,...`; any key may read.
     #[arg(long, env = "API_KEYS", hide_env_values = true)]
     pub api_keys: ApiKeys,
+    #[command(flatten)]
+    pub rate_limit: RateLimitArgs,
     /// Postgres holding the students read model.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
@@ -41,4 +43,14 @@ pub struct Config {
     /// Longest wait, in milliseconds, for a read carrying `X-Consistency-Token`.
     #[arg(long, env = "CONSISTENCY_WAIT_MS", default_value_t = 2000)]
     pub consistency_wait_ms: u64,
+}
+
+impl Config {
+    /// The API keys with their per-key rate limit: build once and share the clones, so
+    /// every route (and, in query-api, both protocols) spends the same budget.
+    pub fn limited_api_keys(&self) -> ApiKeys {
+        self.api_keys
+            .clone()
+            .with_rate_limit(self.rate_limit.limit())
+    }
 }

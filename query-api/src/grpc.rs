@@ -161,17 +161,30 @@ impl GrpcQueries {
         let presented = metadata.get(API_KEY_METADATA).map(|value| value.as_bytes());
         let result = match self.keys.authorize(presented, Scope::Read) {
             Ok(_) => call.instrument(span).await,
-            Err(problem) => Err(if problem.status == axum::http::StatusCode::FORBIDDEN {
-                Status::permission_denied(problem.detail.unwrap_or_default())
-            } else {
-                Status::unauthenticated(problem.detail.unwrap_or_default())
-            }),
+            Err(problem) => Err(refusal_status(problem)),
         };
         let code = result
             .as_ref()
             .map_or_else(Status::code, |_| tonic::Code::Ok);
         self.metrics.record(method, code, started);
         result.map(Response::new)
+    }
+}
+
+/// The gRPC form of an authentication refusal; a spent rate budget carries `retry-after`
+/// metadata (seconds), like the REST header.
+fn refusal_status(problem: service_kit::Problem) -> Status {
+    let detail = problem.detail.unwrap_or_default();
+    match problem.status {
+        axum::http::StatusCode::FORBIDDEN => Status::permission_denied(detail),
+        axum::http::StatusCode::TOO_MANY_REQUESTS => {
+            let mut status = Status::resource_exhausted(detail);
+            if let Some(seconds) = problem.retry_after_seconds {
+                status.metadata_mut().insert("retry-after", seconds.into());
+            }
+            status
+        }
+        _ => Status::unauthenticated(detail),
     }
 }
 

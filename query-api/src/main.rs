@@ -11,7 +11,8 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     service_kit::logging::init();
     let queries = query_api::queries(&config).await?;
-    let app = query_api::http::router(queries.clone(), config.api_keys.clone());
+    let keys = config.limited_api_keys();
+    let app = query_api::http::router(queries.clone(), keys.clone());
     if let Some(addr) = config.metrics_listen_addr {
         service_kit::metrics::serve_on_own_port(addr).await?;
     }
@@ -35,7 +36,7 @@ async fn main() -> anyhow::Result<()> {
     let grpc = tokio::spawn(query_api::grpc::run(
         grpc_listener,
         queries,
-        config.api_keys.clone(),
+        keys,
         stopped(stop_rx),
     ));
     service_kit::shutdown::signal().await;

@@ -376,3 +376,59 @@ async fn errors_have_the_grpc_codes_of_their_rest_statuses() {
     );
     system.cleanup().await;
 }
+
+#[tokio::test]
+async fn rest_and_grpc_spend_one_rate_budget_per_key() {
+    let system = TestSystem::start(Options {
+        projectors: false,
+        query_rate_limit: service_kit::RateLimit::new(1, 2),
+        ..Options::default()
+    })
+    .await;
+    let mut client = SchoolQueryClient::new(channel(&system).await);
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let get = || GetStudentRequest {
+        id: unknown.clone(),
+    };
+    let rest = || async {
+        system
+            .http
+            .get(format!("{}/api/students/{unknown}", system.query))
+            .header("x-api-key", READ_KEY)
+            .send()
+            .await
+            .expect("request")
+    };
+    // A burst of two: one over REST, one over gRPC.
+    assert_eq!(rest().await.status(), reqwest::StatusCode::NOT_FOUND);
+    assert_eq!(
+        code(client.get_student(request(get(), None)).await),
+        Code::NotFound
+    );
+    // The budget is spent for both protocols.
+    let refused = rest().await;
+    assert_eq!(refused.status(), reqwest::StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let status = client
+        .get_student(request(get(), None))
+        .await
+        .expect_err("over the rate");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(
+        status
+            .metadata()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    // Another key is not affected.
+    let writer = system
+        .http
+        .get(format!("{}/api/students/{unknown}", system.query))
+        .header("x-api-key", test_support::WRITE_KEY)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(writer.status(), reqwest::StatusCode::NOT_FOUND);
+    system.cleanup().await;
+}

@@ -13,5 +13,5 @@ pub mod problem;
 pub mod shutdown;
 pub mod trace;
 
-pub use auth::{ApiKeys, Scope};
+pub use auth::{ApiKeys, RateLimit, RateLimitArgs, Scope};
 pub use problem::{FieldError, Problem};

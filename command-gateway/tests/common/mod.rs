@@ -16,8 +16,13 @@ pub struct TestGateway {
 
 impl TestGateway {
     pub async fn spawn() -> TestGateway {
+        TestGateway::spawn_with_keys(test_support::api_keys()).await
+    }
+
+    /// A gateway checking `keys` (e.g. with a rate limit).
+    pub async fn spawn_with_keys(keys: service_kit::ApiKeys) -> TestGateway {
         let broker = TestBroker::start().await;
-        let url = spawn_gateway_on(&broker).await;
+        let url = spawn_gateway_on(&broker, keys).await;
         TestGateway {
             url,
             http: reqwest::Client::new(),
@@ -27,7 +32,7 @@ impl TestGateway {
 
     /// Another gateway process on the same streams (a replica, or the same after a restart).
     pub async fn another_instance(&self) -> String {
-        spawn_gateway_on(&self.broker).await
+        spawn_gateway_on(&self.broker, test_support::api_keys()).await
     }
 
     pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -104,11 +109,11 @@ impl TestGateway {
     }
 }
 
-async fn spawn_gateway_on(broker: &TestBroker) -> String {
+async fn spawn_gateway_on(broker: &TestBroker, keys: service_kit::ApiKeys) -> String {
     let state = command_gateway::app_state(broker.client.clone(), broker.names.clone())
         .await
         .expect("state");
-    let app = command_gateway::http::router(state, test_support::api_keys(), BODY_LIMIT);
+    let app = command_gateway::http::router(state, keys, BODY_LIMIT);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

@@ -25,6 +25,8 @@ pub struct Options {
     /// Whether the projectors invalidate the cache (off: as if every invalidation was lost).
     pub invalidate: bool,
     pub consistency_wait: Duration,
+    /// Per-key rate limit of query-api (REST and gRPC share each key's budget).
+    pub query_rate_limit: Option<service_kit::RateLimit>,
 }
 
 impl Default for Options {
@@ -34,6 +36,7 @@ impl Default for Options {
             projectors: true,
             invalidate: true,
             consistency_wait: Duration::from_secs(5),
+            query_rate_limit: None,
         }
     }
 }
@@ -166,7 +169,8 @@ impl TestSystem {
             broker.names.clone(),
             consistency,
         );
-        let query_app = query_api::http::router(queries.clone(), test_support::api_keys());
+        let query_keys = test_support::api_keys().with_rate_limit(options.query_rate_limit);
+        let query_app = query_api::http::router(queries.clone(), query_keys.clone());
         let query =
             serve(|listener| query_api::run(listener, query_app, std::future::pending())).await;
         let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -176,7 +180,7 @@ impl TestSystem {
         tokio::spawn(query_api::grpc::run(
             grpc_listener,
             queries,
-            test_support::api_keys(),
+            query_keys,
             std::future::pending(),
         ));
 
