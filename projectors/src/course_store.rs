@@ -29,6 +29,29 @@ impl CourseStore {
         }
     }
 
+    /// Connects for reading only: never migrates (the projectors own the schema), so a
+    /// read-only database role suffices. A Postgres store gets `pool`, the pool the reader
+    /// already holds for the same URL, when there is one.
+    pub async fn connect_reader(url: &str, pool: Option<sqlx::PgPool>) -> anyhow::Result<Self> {
+        let scheme = url.split("://").next().unwrap_or_default();
+        match scheme {
+            "postgres" | "postgresql" => {
+                let pool = match pool {
+                    Some(pool) => pool,
+                    None => {
+                        sqlx::postgres::PgPoolOptions::new()
+                            .max_connections(4)
+                            .connect(url)
+                            .await?
+                    }
+                };
+                Ok(CourseStore::Postgres(PgCourses::on_migrated_pool(pool)))
+            }
+            // Index creation is idempotent and MongoDB roles are the operator's.
+            _ => Self::connect(url).await,
+        }
+    }
+
     pub async fn get(&self, id: Uuid) -> Result<Option<CourseDocument>, StoreError> {
         match self {
             CourseStore::Postgres(store) => store.get(id).await,

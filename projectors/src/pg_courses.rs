@@ -69,10 +69,16 @@ impl PgCourses {
 
     pub async fn with_pool(pool: PgPool) -> anyhow::Result<Self> {
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(PgCourses {
+        Ok(Self::on_migrated_pool(pool))
+    }
+
+    /// Over a schema the projectors migrate, for readers that may not change it (query-api
+    /// connects as a read-only role: see migrations/0003_read_only_role.sql).
+    pub fn on_migrated_pool(pool: PgPool) -> Self {
+        PgCourses {
             pool,
             sql: Arc::new(Statements::new(Generation::Live)),
-        })
+        }
     }
 
     /// The same database, writing the tables of `generation` (a replay builds `Next`).

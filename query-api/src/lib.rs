@@ -32,7 +32,9 @@ pub async fn queries(config: &Config) -> anyhow::Result<Queries> {
         .courses_store_url
         .as_deref()
         .unwrap_or(&config.database_url);
-    let courses = projectors::CourseStore::connect(courses_url)
+    // The same database as the students: share the pool rather than open a second one.
+    let shared_pool = (courses_url == config.database_url).then(|| pool.clone());
+    let courses = projectors::CourseStore::connect_reader(courses_url, shared_pool)
         .await
         .context("connecting to COURSES_STORE_URL")?;
     let models = read_models::ReadModels {
