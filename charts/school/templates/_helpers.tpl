@@ -168,23 +168,27 @@ nats://{{ $fullname }}.{{ .Release.Namespace }}.svc:4222
 {{- end -}}
 
 {{/*
-DATABASE_URL, COURSES_STORE_URL and REDIS_URL: built from the in-chart databases' Secrets
+DATABASE_URL, COURSES_STORE_URL and REDIS_URL (dict "root" $ "reader" <bool>; reader: the
+read-only database login of query-api): built from the in-chart databases' Secrets
 (the password stays in one Secret; Kubernetes expands $(VAR)), or taken from
 externalDatabases.existingSecret. An unset COURSES_STORE_URL puts courses in Postgres; an
 unset REDIS_URL turns the cache off.
 */}}
 {{- define "school.readModelsEnv" -}}
+{{- $reader := .reader -}}
+{{- with .root -}}
 {{- $external := .Values.externalDatabases.existingSecret -}}
 {{- if .Values.postgresql.enabled }}
+{{- /* query-api logs in as school_query, a member of school_reader (read-only). */}}
 - name: SCHOOL_POSTGRES_PASSWORD
   valueFrom:
-    secretKeyRef: { name: {{ include "school.postgresql.secret" . }}, key: POSTGRES_PASSWORD }
+    secretKeyRef: { name: {{ include "school.postgresql.secret" . }}, key: {{ ternary "QUERY_PASSWORD" "POSTGRES_PASSWORD" $reader }} }
 - name: DATABASE_URL
-  value: "postgres://{{ .Values.postgresql.username }}:$(SCHOOL_POSTGRES_PASSWORD)@{{ include "school.postgresql.fullname" . }}:5432/{{ .Values.postgresql.database }}"
+  value: "postgres://{{ ternary "school_query" .Values.postgresql.username $reader }}:$(SCHOOL_POSTGRES_PASSWORD)@{{ include "school.postgresql.fullname" . }}:5432/{{ .Values.postgresql.database }}"
 {{- else }}
 - name: DATABASE_URL
   valueFrom:
-    secretKeyRef: { name: {{ required "externalDatabases.existingSecret (with DATABASE_URL) is required when postgresql.enabled is false" $external }}, key: DATABASE_URL }
+    secretKeyRef: { name: {{ required "externalDatabases.existingSecret (with DATABASE_URL) is required when postgresql.enabled is false" $external }}, key: {{ ternary .Values.externalDatabases.queryDatabaseUrlKey "DATABASE_URL" $reader }} }
 {{- end }}
 {{- if .Values.mongodb.enabled }}
 - name: SCHOOL_MONGODB_PASSWORD
@@ -207,6 +211,7 @@ unset REDIS_URL turns the cache off.
 - name: REDIS_URL
   valueFrom:
     secretKeyRef: { name: {{ $external }}, key: REDIS_URL, optional: true }
+{{- end }}
 {{- end }}
 {{- end -}}
 
