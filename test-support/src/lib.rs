@@ -9,6 +9,11 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
+mod nats_server;
+mod postgres_server;
+pub use nats_server::{NatsServer, NatsStop};
+pub use postgres_server::{PgStop, PostgresServer};
+
 /// Keys every in-process test server accepts.
 pub const WRITE_KEY: &str = "test-write-key";
 pub const READ_KEY: &str = "test-read-key";
