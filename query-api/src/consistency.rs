@@ -8,6 +8,12 @@
 //! at or below its checkpoint (and `P` is not beyond the stream's end): then every event it
 //! will ever see up to `P` is applied.
 //!
+//! A token past the end of the stream names no event that was ever stored (a command's
+//! token is only answered once the broker stored its events): no write of the client's can
+//! be missing, so the read waits for the stream's current end instead (asked of the stream
+//! leader, since a direct get may be answered by a replica that lags) rather than timing
+//! out into a `503` that no retry would cure.
+//!
 //! The wait also tells the cache how fresh an entry must be: an entry read at a position at
 //! or after `required` reflects every event of that kind up to the token.
 
@@ -99,7 +105,8 @@ impl Consistency {
         self.max_wait
     }
 
-    /// Waits until every projection in `projections` has reached `token`.
+    /// Waits until every projection in `projections` has reached `token` (or the end of the
+    /// stream, for a token past it).
     pub async fn wait_for(
         &self,
         token: u64,
@@ -108,12 +115,25 @@ impl Consistency {
         let started = tokio::time::Instant::now();
         let deadline = started + self.max_wait;
         let mut required = Required::default();
+        let mut token = token;
+        let mut asked_leader = false;
         for &projection in projections {
             let mut pause = FIRST_PAUSE;
             loop {
-                if let Some(position) = self.reached(projection, token).await? {
-                    required.set(projection, position);
-                    break;
+                match self.reached(projection, token).await? {
+                    Reached::Yes(position) => {
+                        required.set(projection, position);
+                        break;
+                    }
+                    Reached::NotYet => {}
+                    Reached::PastStreamEnd if !asked_leader => {
+                        asked_leader = true;
+                        if let Some(end) = self.stream_end().await.filter(|end| *end < token) {
+                            token = end;
+                            continue;
+                        }
+                    }
+                    Reached::PastStreamEnd => {}
                 }
                 if tokio::time::Instant::now() + pause > deadline {
                     self.record("timeout", started);
@@ -135,11 +155,11 @@ impl Consistency {
         );
     }
 
-    /// `Some(required entry position)` once `projection` reflects every event up to `token`.
-    async fn reached(&self, projection: Projection, token: u64) -> Result<Option<u64>, ReadError> {
+    /// `Yes(required entry position)` once `projection` reflects every event up to `token`.
+    async fn reached(&self, projection: Projection, token: u64) -> Result<Reached, ReadError> {
         let applied = self.models.applied_position(projection).await?;
         if applied >= token {
-            return Ok(Some(token));
+            return Ok(Reached::Yes(token));
         }
         // Read after the checkpoint: if the newest event of this kind is not newer than the
         // checkpoint read before, nothing of this kind lies between the checkpoint and the
@@ -150,11 +170,33 @@ impl Consistency {
         let newest_of_kind = match self.last_sequence(&kind).await {
             Some(LastEvent::None) => 0,
             Some(LastEvent::At(last)) if last <= applied => last,
-            Some(LastEvent::At(_)) | None => return Ok(None),
+            Some(LastEvent::At(_)) | None => return Ok(Reached::NotYet),
         };
         match self.last_sequence(&self.names.event_subjects()).await {
-            Some(LastEvent::At(stream_last)) if token <= stream_last => Ok(Some(newest_of_kind)),
-            _ => Ok(None),
+            Some(LastEvent::At(stream_last)) if token <= stream_last => {
+                Ok(Reached::Yes(newest_of_kind))
+            }
+            Some(LastEvent::At(_) | LastEvent::None) => Ok(Reached::PastStreamEnd),
+            None => Ok(Reached::NotYet),
+        }
+    }
+
+    /// The stream's last sequence as its leader knows it (stream info); `None` when the
+    /// stream cannot be asked right now.
+    async fn stream_end(&self) -> Option<u64> {
+        let nats = self.nats.as_ref()?;
+        let jetstream = async_nats::jetstream::new(nats.clone());
+        let stream = self.names.event_stream();
+        match tokio::time::timeout(STREAM_CHECK_TIMEOUT, jetstream.get_stream(&stream)).await {
+            Ok(Ok(stream)) => Some(stream.cached_info().state.last_sequence),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "cannot ask the stream leader for the stream's end");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("asking the stream leader for the stream's end timed out");
+                None
+            }
         }
     }
 
@@ -177,6 +219,16 @@ impl Consistency {
             }
         }
     }
+}
+
+/// Whether a projection reflects a token.
+enum Reached {
+    /// It does; the cache must serve entries read at or after this position.
+    Yes(u64),
+    NotYet,
+    /// Every event of the projection's kind is applied, but the token lies past the last
+    /// event a direct get saw: a lagging replica, or a token that names no stored event.
+    PastStreamEnd,
 }
 
 enum LastEvent {

@@ -252,6 +252,29 @@ async fn without_the_token_a_read_may_lag_with_it_the_read_waits_then_answers_50
 }
 
 #[tokio::test]
+async fn a_token_past_the_stream_end_waits_for_the_end_not_for_a_timeout() {
+    let system = TestSystem::start(Options {
+        consistency_wait: Duration::from_secs(5),
+        ..Options::default()
+    })
+    .await;
+    let ada = system.register_student("Ada L").await;
+    // No write of the client's can lie past the stream's end: the read waits until the
+    // models reflect the whole stream, then answers (with the write in it).
+    let started = Instant::now();
+    let read = system
+        .get_after(&format!("/api/students/{}", ada.id), "999999999")
+        .await;
+    assert_eq!(read.status, StatusCode::OK, "{read:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "answered before the wait ran out: {:?}",
+        started.elapsed()
+    );
+    system.cleanup().await;
+}
+
+#[tokio::test]
 async fn etags_answer_304_for_students_and_courses() {
     let system = TestSystem::start(Options::default()).await;
     let ada = system.register_student("Ada L").await;
