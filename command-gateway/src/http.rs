@@ -101,12 +101,13 @@ async fn readyz(State(state): State<AppState>) -> Response {
 /// `course_ids` means no courses.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "Ada L", "first_name": "Ada", "last_name": "Lovelace", "course_ids": []}))]
 pub struct StudentBody {
-    #[schema(required = true, min_length = 3, max_length = 20, example = "Ada L")]
+    #[schema(required = true, schema_with = crate::openapi::short_text)]
     name: Option<String>,
-    #[schema(required = true, min_length = 3, max_length = 20, example = "Ada")]
+    #[schema(required = true, schema_with = crate::openapi::short_text)]
     first_name: Option<String>,
-    #[schema(required = true, min_length = 3, max_length = 20, example = "Lovelace")]
+    #[schema(required = true, schema_with = crate::openapi::short_text)]
     last_name: Option<String>,
     /// At most 15 distinct ids of existing courses.
     #[serde(default)]
@@ -129,24 +130,21 @@ impl StudentBody {
 /// Body of `POST` and `PUT /api/courses`.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "name": "Algebra",
+    "description": "Groups, rings, fields",
+    "discipline": "Mathematics",
+    "teacher": "Noether",
+    "student_ids": []
+}))]
 pub struct CourseBody {
-    #[schema(required = true, min_length = 3, max_length = 20, example = "Algebra")]
+    #[schema(required = true, schema_with = crate::openapi::short_text)]
     name: Option<String>,
-    #[schema(
-        required = true,
-        min_length = 3,
-        max_length = 200,
-        example = "Groups, rings, fields"
-    )]
+    #[schema(required = true, schema_with = crate::openapi::description_text)]
     description: Option<String>,
-    #[schema(
-        required = true,
-        min_length = 3,
-        max_length = 20,
-        example = "Mathematics"
-    )]
+    #[schema(required = true, schema_with = crate::openapi::short_text)]
     discipline: Option<String>,
-    #[schema(required = true, min_length = 3, max_length = 20, example = "Noether")]
+    #[schema(required = true, schema_with = crate::openapi::short_text)]
     teacher: Option<String>,
     /// At most 60 distinct ids of existing students.
     #[serde(default)]
@@ -190,7 +188,7 @@ fn path_id(raw: &str, kind: &str) -> Result<Uuid, Outcome> {
     tag = "students",
     request_body = StudentBody,
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "Retries with this key get the first outcome"),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1, max_length = 128, pattern = "^[!-~]+$", description = "Retries with this key get the first outcome: 1 to 128 visible ASCII characters"),
     ),
     responses((status = 201, description = "Registered", body = CreatedDoc, headers(("etag" = String, description = "Aggregate version"), ("x-consistency-token" = String, description = "Stream position to wait for on reads"))), CommandErrors)
 )]
@@ -222,8 +220,8 @@ pub async fn register_student(
     request_body = StudentBody,
     params(
         ("id" = uuid::Uuid, Path, description = "Id of the student"),
-        ("If-Match" = Option<String>, Header, description = "Only if the aggregate is at this version (an `ETag`)"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Retries with this key get the first outcome"),
+        ("If-Match" = Option<String>, Header, nullable = false, description = "Only if the aggregate is at this version (an `ETag`, a list of them, or `*`); any other value never matches"),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1, max_length = 128, pattern = "^[!-~]+$", description = "Retries with this key get the first outcome: 1 to 128 visible ASCII characters"),
     ),
     responses((status = 200, description = "Replaced, with course_ids", body = StudentDataDoc, headers(("etag" = String, description = "Aggregate version"), ("x-consistency-token" = String, description = "Stream position to wait for on reads"))), CommandErrors)
 )]
@@ -267,8 +265,8 @@ pub async fn replace_student(
     tag = "students",
     params(
         ("id" = uuid::Uuid, Path, description = "Id of the student"),
-        ("If-Match" = Option<String>, Header, description = "Only if the aggregate is at this version (an `ETag`)"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Retries with this key get the first outcome"),
+        ("If-Match" = Option<String>, Header, nullable = false, description = "Only if the aggregate is at this version (an `ETag`, a list of them, or `*`); any other value never matches"),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1, max_length = 128, pattern = "^[!-~]+$", description = "Retries with this key get the first outcome: 1 to 128 visible ASCII characters"),
     ),
     responses((status = 204, description = "Deleted; its courses forget it", headers(("etag" = String, description = "Aggregate version"), ("x-consistency-token" = String, description = "Stream position to wait for on reads"))), CommandErrors)
 )]
@@ -302,8 +300,8 @@ pub async fn delete_student(
     params(
         ("id" = uuid::Uuid, Path, description = "Id of the student"),
         ("course_id" = uuid::Uuid, Path, description = "Id of the course"),
-        ("If-Match" = Option<String>, Header, description = "Only if the aggregate is at this version (an `ETag`)"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Retries with this key get the first outcome"),
+        ("If-Match" = Option<String>, Header, nullable = false, description = "Only if the aggregate is at this version (an `ETag`, a list of them, or `*`); any other value never matches"),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1, max_length = 128, pattern = "^[!-~]+$", description = "Retries with this key get the first outcome: 1 to 128 visible ASCII characters"),
     ),
     responses((status = 204, description = "Enrolled (or already was)", headers(("etag" = String, description = "Aggregate version"), ("x-consistency-token" = String, description = "Stream position to wait for on reads"))), CommandErrors)
 )]
@@ -341,8 +339,8 @@ pub async fn enroll(
     params(
         ("id" = uuid::Uuid, Path, description = "Id of the student"),
         ("course_id" = uuid::Uuid, Path, description = "Id of the course"),
-        ("If-Match" = Option<String>, Header, description = "Only if the aggregate is at this version (an `ETag`)"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Retries with this key get the first outcome"),
+        ("If-Match" = Option<String>, Header, nullable = false, description = "Only if the aggregate is at this version (an `ETag`, a list of them, or `*`); any other value never matches"),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1, max_length = 128, pattern = "^[!-~]+$", description = "Retries with this key get the first outcome: 1 to 128 visible ASCII characters"),
     ),
     responses((status = 204, description = "Unenrolled", headers(("etag" = String, description = "Aggregate version"), ("x-consistency-token" = String, description = "Stream position to wait for on reads"))), CommandErrors)
 )]
@@ -379,7 +377,7 @@ pub async fn unenroll(
     tag = "courses",
     request_body = CourseBody,
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "Retries with this key get the first outcome"),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1, max_length = 128, pattern = "^[!-~]+$", description = "Retries with this key get the first outcome: 1 to 128 visible ASCII characters"),
     ),
     responses((status = 201, description = "Created", body = CreatedDoc, headers(("etag" = String, description = "Aggregate version"), ("x-consistency-token" = String, description = "Stream position to wait for on reads"))), CommandErrors)
 )]
@@ -411,8 +409,8 @@ pub async fn create_course(
     request_body = CourseBody,
     params(
         ("id" = uuid::Uuid, Path, description = "Id of the course"),
-        ("If-Match" = Option<String>, Header, description = "Only if the aggregate is at this version (an `ETag`)"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Retries with this key get the first outcome"),
+        ("If-Match" = Option<String>, Header, nullable = false, description = "Only if the aggregate is at this version (an `ETag`, a list of them, or `*`); any other value never matches"),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1, max_length = 128, pattern = "^[!-~]+$", description = "Retries with this key get the first outcome: 1 to 128 visible ASCII characters"),
     ),
     responses((status = 200, description = "Replaced, with student_ids", body = CourseDataDoc, headers(("etag" = String, description = "Aggregate version"), ("x-consistency-token" = String, description = "Stream position to wait for on reads"))), CommandErrors)
 )]
@@ -457,8 +455,8 @@ pub async fn replace_course(
     tag = "courses",
     params(
         ("id" = uuid::Uuid, Path, description = "Id of the course"),
-        ("If-Match" = Option<String>, Header, description = "Only if the aggregate is at this version (an `ETag`)"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Retries with this key get the first outcome"),
+        ("If-Match" = Option<String>, Header, nullable = false, description = "Only if the aggregate is at this version (an `ETag`, a list of them, or `*`); any other value never matches"),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1, max_length = 128, pattern = "^[!-~]+$", description = "Retries with this key get the first outcome: 1 to 128 visible ASCII characters"),
     ),
     responses((status = 204, description = "Deleted; its students forget it", headers(("etag" = String, description = "Aggregate version"), ("x-consistency-token" = String, description = "Stream position to wait for on reads"))), CommandErrors)
 )]

@@ -2,7 +2,53 @@
 
 use serde::Serialize;
 use service_kit::openapi::{ApiKeySecurity, ProblemDoc};
+use utoipa::openapi::schema::{Object, Type};
 use utoipa::{IntoResponses, OpenApi, ToSchema};
+
+use crate::domain::fields::{DESCRIPTION_MAX, SHORT_TEXT_MAX, SHORT_TEXT_MIN};
+
+/// What `str::trim` removes: Unicode `White_Space`, as a regex class.
+const WHITE_SPACE: &str =
+    r"[\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]";
+/// A character that is neither white space nor a control character: the first and last
+/// character of a trimmed text.
+const VISIBLE: &str = r"[^\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]";
+/// Any character but a control character (general category `Cc`).
+const NOT_CONTROL: &str = r"[^\u0000-\u001f\u007f-\u009f]";
+
+/// The rule of `BoundedText` as a pattern: after trimming white space, `SHORT_TEXT_MIN..=max`
+/// characters and no control character. (`minLength`/`maxLength` would count the white
+/// space the server trims.)
+fn bounded_text(max: usize, description: &str) -> Object {
+    let pattern = format!(
+        "^{WHITE_SPACE}*{VISIBLE}{NOT_CONTROL}{{{},{}}}{VISIBLE}{WHITE_SPACE}*$",
+        SHORT_TEXT_MIN - 2,
+        max - 2
+    );
+    Object::builder()
+        .schema_type(Type::String)
+        .pattern(Some(pattern))
+        .description(Some(description))
+        .build()
+}
+
+/// A name-like field: 3 to 20 characters once trimmed.
+pub fn short_text() -> Object {
+    bounded_text(
+        SHORT_TEXT_MAX,
+        "3 to 20 characters (Unicode scalar values), counted after trimming white space; \
+         no control characters",
+    )
+}
+
+/// A course description: 3 to 200 characters once trimmed.
+pub fn description_text() -> Object {
+    bounded_text(
+        DESCRIPTION_MAX,
+        "3 to 200 characters (Unicode scalar values), counted after trimming white space; \
+         no control characters",
+    )
+}
 
 /// `{"data": {"id": "…"}}`
 #[derive(Serialize, ToSchema)]
@@ -44,25 +90,24 @@ pub struct CourseDataDoc {
     pub data: CourseDoc,
 }
 
-/// Answers every command can give besides its success.
+/// Answers every command can give besides its success (`401`, `403` and `429` are added to
+/// every operation by [`ApiKeySecurity`]).
 #[derive(IntoResponses)]
 #[allow(dead_code)] // a description of responses, never built
 pub enum CommandErrors {
     /// Malformed JSON, unknown fields, wrong types, or a bad header.
     #[response(status = 400, content_type = "application/problem+json")]
     BadRequest(ProblemDoc),
-    /// No or unknown `x-api-key`.
-    #[response(status = 401, content_type = "application/problem+json")]
-    Unauthorized(ProblemDoc),
-    /// A read-only key.
-    #[response(status = 403, content_type = "application/problem+json")]
-    Forbidden(ProblemDoc),
     /// The addressed student, course or enrollment does not exist.
     #[response(status = 404, content_type = "application/problem+json")]
     NotFound(ProblemDoc),
     /// A rule: `course-full`, `student-course-limit`, `already-exists`,
-    /// `concurrent-modification`, `idempotency-key-in-use`.
-    #[response(status = 409, content_type = "application/problem+json")]
+    /// `concurrent-modification` (with `Retry-After`), `idempotency-key-in-use`.
+    #[response(
+        status = 409,
+        content_type = "application/problem+json",
+        headers(("retry-after" = u64, description = "Seconds to wait before retrying"))
+    )]
     Conflict(ProblemDoc),
     /// `If-Match` names another version.
     #[response(status = 412, content_type = "application/problem+json")]
@@ -76,8 +121,12 @@ pub enum CommandErrors {
     /// Invalid fields (every one is named), or a reused `Idempotency-Key`.
     #[response(status = 422, content_type = "application/problem+json")]
     Invalid(ProblemDoc),
-    /// The event store did not answer; retry.
-    #[response(status = 503, content_type = "application/problem+json")]
+    /// The event store did not answer; retry after `Retry-After` seconds.
+    #[response(
+        status = 503,
+        content_type = "application/problem+json",
+        headers(("retry-after" = u64, description = "Seconds to wait before retrying"))
+    )]
     Unavailable(ProblemDoc),
 }
 

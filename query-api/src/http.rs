@@ -136,7 +136,7 @@ impl<V, J: From<V>> From<Page<V>> for PageJson<J> {
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
     /// Items per page, 1 to 100 (default 20).
-    #[param(value_type = Option<u32>)]
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     limit: Option<String>,
     /// The `next_cursor` of the previous page.
     cursor: Option<String>,
@@ -148,8 +148,9 @@ pub struct ListParams {
 #[allow(dead_code)] // documents the header; handlers read it from the HeaderMap
 pub struct ConsistencyHeader {
     /// The `X-Consistency-Token` a command answered: the read waits (bounded) until the
-    /// read models reflect that write, else answers `503` with `Retry-After`.
-    #[param(rename = "x-consistency-token", value_type = Option<u64>)]
+    /// read models reflect that write, else answers `503` with `Retry-After`. A position
+    /// past the end of the stream waits for the end of the stream.
+    #[param(rename = "x-consistency-token", value_type = Option<u64>, nullable = false)]
     x_consistency_token: Option<String>,
 }
 
@@ -159,7 +160,7 @@ pub struct ConsistencyHeader {
 #[utoipa::path(
     get, path = "/api/students", tag = "students",
     params(ListParams, ConsistencyHeader),
-    responses((status = 200, body = PageJson<StudentJson>), ReadErrors)
+    responses((status = 200, description = "A page of students", body = PageJson<StudentJson>), ReadErrors)
 )]
 pub async fn list_students(
     State(queries): State<Queries>,
@@ -175,7 +176,7 @@ pub async fn list_students(
 #[utoipa::path(
     get, path = "/api/courses", tag = "courses",
     params(ListParams, ConsistencyHeader),
-    responses((status = 200, body = PageJson<CourseJson>), ReadErrors)
+    responses((status = 200, description = "A page of courses", body = PageJson<CourseJson>), ReadErrors)
 )]
 pub async fn list_courses(
     State(queries): State<Queries>,
@@ -192,7 +193,7 @@ pub async fn list_courses(
     get, path = "/api/students/{id}", tag = "students",
     params(("id" = Uuid, Path), ConsistencyHeader),
     responses(
-        (status = 200, body = Data<StudentJson>, headers(("ETag" = String))),
+        (status = 200, description = "The student", body = Data<StudentJson>, headers(("ETag" = String, description = "The student's version"))),
         (status = 304, description = "`If-None-Match` names the current version"),
         ReadErrors
     )
@@ -219,7 +220,7 @@ pub async fn get_student(
     get, path = "/api/courses/{id}", tag = "courses",
     params(("id" = Uuid, Path), ConsistencyHeader),
     responses(
-        (status = 200, body = Data<CourseJson>, headers(("ETag" = String))),
+        (status = 200, description = "The course", body = Data<CourseJson>, headers(("ETag" = String, description = "The course's version"))),
         (status = 304, description = "`If-None-Match` names the current version"),
         ReadErrors
     )
@@ -245,7 +246,7 @@ pub async fn get_course(
 #[utoipa::path(
     get, path = "/api/students/{id}/courses", tag = "students",
     params(("id" = Uuid, Path), ListParams, ConsistencyHeader),
-    responses((status = 200, body = PageJson<CourseJson>), ReadErrors)
+    responses((status = 200, description = "A page of the student's courses", body = PageJson<CourseJson>), ReadErrors)
 )]
 pub async fn student_courses(
     State(queries): State<Queries>,
@@ -267,7 +268,7 @@ pub async fn student_courses(
 #[utoipa::path(
     get, path = "/api/courses/{id}/students", tag = "courses",
     params(("id" = Uuid, Path), ListParams, ConsistencyHeader),
-    responses((status = 200, body = PageJson<StudentJson>), ReadErrors)
+    responses((status = 200, description = "A page of the course's students", body = PageJson<StudentJson>), ReadErrors)
 )]
 pub async fn course_students(
     State(queries): State<Queries>,
@@ -289,11 +290,12 @@ pub async fn course_students(
 
 fn page_request(params: Result<Query<ListParams>, QueryRejection>) -> Result<PageRequest, Problem> {
     let Query(params) = params.map_err(|e| Problem::bad_request(e.body_text()))?;
-    // A limit that is not a number is out of range either way; PageRequest names the rule.
+    // A limit that is not a decimal number is out of range either way; PageRequest names
+    // the rule.
     let limit = params
         .limit
         .as_deref()
-        .map(|raw| raw.trim().parse::<i64>().unwrap_or(-1));
+        .map(|raw| decimal(raw).map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX)));
     PageRequest::parse(limit, params.cursor.as_deref()).map_err(bad_page)
 }
 
@@ -306,15 +308,25 @@ fn token(headers: &HeaderMap) -> Result<Option<u64>, Problem> {
     let Some(raw) = headers.get(CONSISTENCY_TOKEN_HEADER) else {
         return Ok(None);
     };
+    // Positions are stored as Postgres `bigint`s and documented as `int64`.
     raw.to_str()
         .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
+        .and_then(|v| decimal(v.trim()))
+        .filter(|position| i64::try_from(*position).is_ok())
         .map(Some)
         .ok_or_else(|| {
             Problem::bad_request(
                 "`X-Consistency-Token` must be the decimal stream position a command returned",
             )
         })
+}
+
+/// Plain decimal digits, as the document's integers are written (no sign, no spaces).
+fn decimal(raw: &str) -> Option<u64> {
+    if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    raw.parse().ok()
 }
 
 fn problem(error: QueryError) -> Problem {
@@ -380,5 +392,9 @@ mod tests {
         assert_eq!(token(&headers).expect("decimal"), Some(42));
         headers.insert(CONSISTENCY_TOKEN_HEADER, HeaderValue::from_static("abc"));
         assert!(token(&headers).is_err());
+        for bad in ["+42", "9223372036854775808"] {
+            headers.insert(CONSISTENCY_TOKEN_HEADER, HeaderValue::from_static(bad));
+            assert!(token(&headers).is_err(), "{bad}");
+        }
     }
 }

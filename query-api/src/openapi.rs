@@ -5,16 +5,14 @@ use utoipa::{IntoResponses, OpenApi};
 
 use crate::http::{CourseJson, Data, PageJson, StudentJson};
 
-/// Answers every read can give besides its success.
+/// Answers every read can give besides its success (`401`, `403` and `429` are added to
+/// every operation by [`ApiKeySecurity`]).
 #[derive(IntoResponses)]
 #[allow(dead_code)] // a description of responses, never built
 pub enum ReadErrors {
     /// A bad header, such as a non-numeric `X-Consistency-Token`.
     #[response(status = 400, content_type = "application/problem+json")]
     BadRequest(ProblemDoc),
-    /// No or unknown `x-api-key`.
-    #[response(status = 401, content_type = "application/problem+json")]
-    Unauthorized(ProblemDoc),
     /// No such student or course (also for ids that are not UUIDs).
     #[response(status = 404, content_type = "application/problem+json")]
     NotFound(ProblemDoc),
@@ -23,7 +21,11 @@ pub enum ReadErrors {
     Invalid(ProblemDoc),
     /// A read model is unreachable, or did not reach the consistency token in time;
     /// `Retry-After` says when to retry.
-    #[response(status = 503, content_type = "application/problem+json")]
+    #[response(
+        status = 503,
+        content_type = "application/problem+json",
+        headers(("retry-after" = u64, description = "Seconds to wait before retrying"))
+    )]
     Unavailable(ProblemDoc),
 }
 
