@@ -57,14 +57,14 @@ pub async fn queries(config: &Config) -> anyhow::Result<Queries> {
     ))
 }
 
-/// Serves `app` on `listener` until `shutdown` completes, then finishes in-flight requests.
+/// Serves `app` on `listener` until `shutdown` completes, then drains and finishes in-flight
+/// requests without cutting one a client had sent (`service_kit::shutdown::serve_http`).
 pub async fn run(
     listener: TcpListener,
     app: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+    service_kit::shutdown::serve_http(listener, app, shutdown)
         .await
         .context("serving HTTP")
 }

@@ -215,7 +215,8 @@ impl Load {
     }
 }
 
-async fn send(http: &reqwest::Client, url: &str, sent: Sent) -> Attempt {
+/// Sends one command and records how it was answered.
+pub async fn send(http: &reqwest::Client, url: &str, sent: Sent) -> Attempt {
     let (path, body) = match &sent {
         Sent::CreateCourse { name } => (
             "/api/courses",
@@ -440,7 +441,10 @@ impl Verdict {
                         verdict.false_success += 1;
                     }
                 }
-                Answer::Unavailable { retry_after, problem } => {
+                Answer::Unavailable {
+                    retry_after,
+                    problem,
+                } => {
                     verdict.unavailable += 1;
                     if !retry_after || !problem {
                         verdict.unavailable_without_retry_after += 1;
