@@ -59,13 +59,14 @@ struct Figures {
 impl ProjectionProgress {
     fn record(&self, projection: Projection, checkpoint: u64, pending: u64) {
         if let Ok(mut figures) = self.figures.lock() {
-            figures.insert(
-                projection.as_str(),
-                Figures {
-                    checkpoint,
-                    pending,
-                },
-            );
+            // A batch of redelivered messages only carries sequences already applied: the
+            // checkpoint it reports must not move the gauge back.
+            let figures = figures.entry(projection.as_str()).or_insert(Figures {
+                checkpoint,
+                pending,
+            });
+            figures.checkpoint = figures.checkpoint.max(checkpoint);
+            figures.pending = pending;
         }
     }
 
@@ -321,7 +322,14 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             let sequence = info.stream_sequence;
             pending = info.pending;
             last_sequence = last_sequence.max(sequence);
-            by_sequence.insert(sequence, message);
+            // One batch can hold a message twice: delivered, then redelivered because it
+            // waited in the client's buffer past `ack_wait` (a stalled read model). The
+            // checkpoint cannot skip the second copy (both are above it), and applied after
+            // the events that follow it, it would roll them back. Both copies get acked below;
+            // the event is applied once.
+            if by_sequence.insert(sequence, message).is_some() {
+                continue;
+            }
             match events::decode(&message.payload) {
                 Ok(event) => decoded.push((sequence, event)),
                 Err(error) => {
@@ -339,6 +347,8 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                 }
             }
         }
+        // The stores apply in the order given, which must be stream order.
+        decoded.sort_by_key(|(sequence, _)| *sequence);
         let started = Instant::now();
         let applied = self
             .apply_with_retries(&decoded, last_sequence, &batch, shutdown)
