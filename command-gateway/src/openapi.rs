@@ -8,11 +8,11 @@ use utoipa::{IntoResponses, OpenApi, ToSchema};
 use crate::domain::fields::{DESCRIPTION_MAX, SHORT_TEXT_MAX, SHORT_TEXT_MIN};
 
 /// What `str::trim` removes: Unicode `White_Space`, as a regex class.
-const WHITE_SPACE: &str =
-    r"[\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]";
+const WHITE_SPACE: &str = r"[\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]";
 /// A character that is neither white space nor a control character: the first and last
 /// character of a trimmed text.
-const VISIBLE: &str = r"[^\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]";
+const VISIBLE: &str =
+    r"[^\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]";
 /// Any character but a control character (general category `Cc`).
 const NOT_CONTROL: &str = r"[^\u0000-\u001f\u007f-\u009f]";
 

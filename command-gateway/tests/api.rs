@@ -300,12 +300,27 @@ async fn metrics_count_requests_per_route_and_commands_per_result() {
     // The registry is per process and other tests of this binary may run alongside (under
     // `cargo test`), so a series counts at least what this test did.
     for (series, at_least) in [
-        (r#"commands_total{command="register_student",result="accepted"}"#, 1.0),
-        (r#"http_server_requests_total{method="POST",route="/api/students",status="201"}"#, 1.0),
-        (r#"http_server_requests_total{method="POST",route="/api/students",status="422"}"#, 1.0),
-        (r#"command_append_duration_seconds_count{append="single"}"#, 1.0),
+        (
+            r#"commands_total{command="register_student",result="accepted"}"#,
+            1.0,
+        ),
+        (
+            r#"http_server_requests_total{method="POST",route="/api/students",status="201"}"#,
+            1.0,
+        ),
+        (
+            r#"http_server_requests_total{method="POST",route="/api/students",status="422"}"#,
+            1.0,
+        ),
+        (
+            r#"command_append_duration_seconds_count{append="single"}"#,
+            1.0,
+        ),
         // Unknown routes are counted under one bounded label, not their raw path.
-        (r#"http_server_requests_total{method="GET",route="unmatched",status="404"}"#, 1.0),
+        (
+            r#"http_server_requests_total{method="GET",route="unmatched",status="404"}"#,
+            1.0,
+        ),
         // Series exist at zero before the first conflict.
         (r#"command_conflicts_total{command="enroll"}"#, 0.0),
     ] {

@@ -88,8 +88,7 @@ async fn a_nats_restart_under_load_loses_no_accepted_command_and_answers_503_whi
     let unavailable_in_outage = attempts
         .iter()
         .filter(|a| {
-            matches!(a.answer, Answer::Unavailable { .. })
-                && windows.iter().any(|w| overlaps(a, w))
+            matches!(a.answer, Answer::Unavailable { .. }) && windows.iter().any(|w| overlaps(a, w))
         })
         .count();
     let outages_with_503 = windows
@@ -143,7 +142,10 @@ async fn a_nats_restart_under_load_loses_no_accepted_command_and_answers_503_whi
         "503 without Retry-After or problem+json:\n{}",
         examples(&attempts, |a| matches!(
             a,
-            Answer::Unavailable { retry_after: false, .. } | Answer::Unavailable { problem: false, .. }
+            Answer::Unavailable {
+                retry_after: false,
+                ..
+            } | Answer::Unavailable { problem: false, .. }
         ))
     );
     assert_eq!(

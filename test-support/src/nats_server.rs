@@ -67,7 +67,14 @@ impl NatsServer {
     fn spawn(&mut self) {
         assert!(self.child.is_none(), "nats-server is already running");
         let child = Command::new(&self.bin)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
             .arg(&self.store_dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
