@@ -22,6 +22,7 @@ async fn supervisor_result(handle: &mut tokio::task::JoinHandle<u64>) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_batch_under_load_loses_and_doubles_nothing() {
+    let started = std::time::Instant::now();
     let broker = TestBroker::start().await;
     let db = TestDatabase::create().await;
     let state = command_gateway::app_state(broker.client.clone(), broker.names.clone())
@@ -51,6 +52,8 @@ async fn sigkill_mid_batch_under_load_loses_and_doubles_nothing() {
     let courses = create_courses(&commands, &mut expected, 8).await;
     let mut students: Vec<Uuid> = Vec::new();
     let mut accepted_commands = 0;
+    let mut live_kills = 0;
+    let mut attempted = 0;
     for n in 0..800 {
         let Some(command) = random_command(&mut random, n, &students, &courses) else {
             continue;
@@ -58,9 +61,13 @@ async fn sigkill_mid_batch_under_load_loses_and_doubles_nothing() {
         if n == 400 {
             // The second half piles up as a backlog with no projector running.
             stop_killing.store(true, std::sync::atomic::Ordering::Relaxed);
-            let kills = supervisor_result(&mut supervisor_handle).await;
-            assert!(kills >= 3, "only {kills} kills during the live load");
+            live_kills = supervisor_result(&mut supervisor_handle).await;
+            assert!(
+                live_kills >= 3,
+                "only {live_kills} kills during the live load"
+            );
         }
+        attempted += 1;
         if let Ok(accepted) = commands.execute(&command, &context(), None).await {
             accepted_commands += 1;
             expected.merge(&accepted.snapshot);
@@ -112,6 +119,18 @@ async fn sigkill_mid_batch_under_load_loses_and_doubles_nothing() {
         .expect("count");
     let expected_rows: usize = expected.students.values().map(|(_, c)| c.len()).sum();
     assert_eq!(enrollment_rows as usize, expected_rows, "nothing doubled");
+    let held_for = started.elapsed();
+    eprintln!(
+        "RELIABILITY: scenario=projectors-sigkill-under-load commands_per_s={:.0} duration_s={:.1} \
+         faults={} (SIGKILL: {live_kills} during the live load, 4 while catching up) commands={attempted} \
+         accepted={accepted_commands} students={} courses={} enrollment_rows={enrollment_rows} \
+         lost=0 duplicated=0 false_success=0 (read models equal the accepted commands)",
+        f64::from(attempted) / held_for.as_secs_f64(),
+        held_for.as_secs_f64(),
+        live_kills + 4,
+        settled.students.len(),
+        settled.courses.len(),
+    );
 
     // SIGTERM: the last projectors process finishes its batch, acks, and exits cleanly.
     projectors.wait_started().await;
