@@ -5,6 +5,7 @@
 //! subject, consumer and bucket names ([`names`]).
 
 pub mod codec;
+pub mod decode_properties;
 pub mod model;
 pub mod names;
 
