@@ -311,25 +311,20 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         metrics: &RunnerMetrics,
         shutdown: &mut Shutdown<'_, F>,
     ) -> Result<(), SubscriptionEnd> {
-        let mut decoded: Vec<(u64, Event)> = Vec::with_capacity(batch.len());
-        let mut by_sequence: HashMap<u64, &Message> = HashMap::with_capacity(batch.len());
-        let mut last_sequence = 0;
         let mut pending = 0;
+        let mut delivered = Vec::with_capacity(batch.len());
         for message in &batch {
             let info = message.info().map_err(|e| {
                 SubscriptionEnd::Failed(anyhow::anyhow!("message without JetStream metadata: {e}"))
             })?;
-            let sequence = info.stream_sequence;
             pending = info.pending;
-            last_sequence = last_sequence.max(sequence);
-            // One batch can hold a message twice: delivered, then redelivered because it
-            // waited in the client's buffer past `ack_wait` (a stalled read model). The
-            // checkpoint cannot skip the second copy (both are above it), and applied after
-            // the events that follow it, it would roll them back. Both copies get acked below;
-            // the event is applied once.
-            if by_sequence.insert(sequence, message).is_some() {
-                continue;
-            }
+            delivered.push((info.stream_sequence, message));
+        }
+        let delivered = unique_in_stream_order(delivered);
+        let last_sequence = delivered.last().map_or(0, |(sequence, _)| *sequence);
+        let by_sequence: HashMap<u64, &Message> = delivered.iter().copied().collect();
+        let mut decoded: Vec<(u64, Event)> = Vec::with_capacity(delivered.len());
+        for (sequence, message) in delivered {
             match events::decode(&message.payload) {
                 Ok(event) => decoded.push((sequence, event)),
                 Err(error) => {
@@ -347,8 +342,6 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                 }
             }
         }
-        // The stores apply in the order given, which must be stream order.
-        decoded.sort_by_key(|(sequence, _)| *sequence);
         let started = Instant::now();
         let applied = self
             .apply_with_retries(&decoded, last_sequence, &batch, shutdown)
@@ -510,6 +503,20 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
 
 /// A batch refused too often (with the last reason): apply it event by event.
 struct Isolate(String);
+
+/// A batch's messages, each stream sequence once, in stream order.
+///
+/// One batch can hold a message twice: delivered, then redelivered because it waited in the
+/// client's buffer past `ack_wait` (a stalled read model). The checkpoint cannot skip the
+/// second copy (both are above it), and applied after the events that follow it, it would
+/// roll them back. Every copy is still acked (the whole batch is); the event is applied once.
+pub fn unique_in_stream_order<T>(messages: impl IntoIterator<Item = (u64, T)>) -> Vec<(u64, T)> {
+    let mut by_sequence = std::collections::BTreeMap::new();
+    for (sequence, message) in messages {
+        by_sequence.entry(sequence).or_insert(message);
+    }
+    by_sequence.into_iter().collect()
+}
 
 /// The cache entries a batch made stale: every aggregate it touched, on both sides of an
 /// enrollment (a course's cached entry lists its students, and the other way round).

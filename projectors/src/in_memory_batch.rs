@@ -8,7 +8,11 @@
 //! Input framing (so one fuzz input is a whole batch): repeated
 //! `[sequence step: u8][length: u16 little-endian][payload: length bytes]`; the stream
 //! sequence of a message is the previous one plus `step + 1`, as in a stream, where
-//! sequences only grow. A last frame cut short keeps the bytes that are there.
+//! sequences only grow. A last frame cut short keeps the bytes that are there. A step of
+//! `0xFF` is a redelivery instead: `[0xFF][back: u8]` delivers again the message
+//! `back % count + 1` frames earlier (same sequence, same payload), as JetStream does when
+//! a message outlives `ack_wait`; the batch goes through the consumer's
+//! [`unique_in_stream_order`] like a real one.
 
 use std::collections::BTreeMap;
 
@@ -16,15 +20,27 @@ use events::{AggregateKind, Event, StreamNames};
 use service_kit::trace::SpanContext;
 use uuid::Uuid;
 
-use crate::consumer::cache_keys;
+use crate::consumer::{cache_keys, unique_in_stream_order};
 use crate::course_document::{self, CourseDocument};
 use crate::student_fold::{self, Touched};
 
-/// One framed message: its stream sequence and payload.
+/// The framed messages in delivery order: stream sequence and payload.
 pub fn split_messages(mut input: &[u8]) -> Vec<(u64, &[u8])> {
-    let mut messages = Vec::new();
+    let mut messages: Vec<(u64, &[u8])> = Vec::new();
     let mut sequence = 0u64;
     while let [step, rest @ ..] = input {
+        if *step == REDELIVERY {
+            let (back, rest) = match rest {
+                [back, rest @ ..] => (usize::from(*back), rest),
+                [] => (0, rest),
+            };
+            if !messages.is_empty() {
+                let earlier = messages[messages.len() - 1 - back % messages.len()];
+                messages.push(earlier);
+            }
+            input = rest;
+            continue;
+        }
         let (payload, rest) = match rest {
             [low, high, rest @ ..] => {
                 let length = usize::from(u16::from_le_bytes([*low, *high]));
@@ -38,6 +54,9 @@ pub fn split_messages(mut input: &[u8]) -> Vec<(u64, &[u8])> {
     }
     messages
 }
+
+/// The step byte that marks a redelivery.
+const REDELIVERY: u8 = 0xFF;
 
 /// Frames `messages` (one sequence step of 1 each) the way [`split_messages`] reads them:
 /// how corpus seeds are written from real events. A payload longer than `u16::MAX` bytes
@@ -67,7 +86,19 @@ pub struct ProjectedBatch {
 pub fn assert_batch_projects_in_memory(input: &[u8]) -> ProjectedBatch {
     let names = StreamNames::new("school");
     let mut batch = ProjectedBatch::default();
-    for (sequence, payload) in split_messages(input) {
+    let delivered = split_messages(input);
+    let unique = unique_in_stream_order(delivered.iter().copied());
+    assert!(
+        unique.windows(2).all(|w| w[0].0 < w[1].0),
+        "a batch not in stream order, or a sequence twice"
+    );
+    let distinct: std::collections::BTreeSet<u64> = delivered.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        unique.len(),
+        distinct.len(),
+        "a delivered sequence was dropped"
+    );
+    for (sequence, payload) in unique {
         match events::decode(payload) {
             Ok(event) => batch.decoded.push((sequence, event)),
             Err(_) => batch.dead_letters += 1,
@@ -143,6 +174,27 @@ mod tests {
         let framed = frame_messages([&b"abc"[..], b"", b"xy"]);
         let messages = split_messages(&framed);
         assert_eq!(messages, vec![(1, &b"abc"[..]), (2, b""), (3, b"xy")]);
+    }
+
+    #[test]
+    fn a_redelivery_repeats_an_earlier_message_and_is_applied_once_in_order() {
+        let mut framed = frame_messages([&b"a"[..], b"b", b"c"]);
+        framed.extend_from_slice(&[REDELIVERY, 1]); // "b" again
+        framed.extend_from_slice(&[REDELIVERY, 5]); // 5 % 4 + 1 = 2 back: "c" again
+        let delivered = split_messages(&framed);
+        assert_eq!(
+            delivered,
+            vec![(1, &b"a"[..]), (2, b"b"), (3, b"c"), (2, b"b"), (3, b"c")]
+        );
+        assert_eq!(
+            unique_in_stream_order(delivered),
+            vec![(1, &b"a"[..]), (2, b"b"), (3, b"c")]
+        );
+        assert_eq!(
+            split_messages(&[REDELIVERY, 0]),
+            vec![],
+            "nothing to redeliver yet"
+        );
     }
 
     #[test]
