@@ -169,7 +169,8 @@ nats://{{ $fullname }}.{{ .Release.Namespace }}.svc:4222
 
 {{/*
 DATABASE_URL, COURSES_STORE_URL and REDIS_URL (dict "root" $ "reader" <bool>; reader: the
-read-only database login of query-api): built from the in-chart databases' Secrets
+read-only database login of query-api, otherwise the projectors' login, which owns the read
+models and may do nothing else): built from the in-chart databases' Secrets
 (the password stays in one Secret; Kubernetes expands $(VAR)), or taken from
 externalDatabases.existingSecret. An unset COURSES_STORE_URL puts courses in Postgres; an
 unset REDIS_URL turns the cache off.
@@ -179,16 +180,17 @@ unset REDIS_URL turns the cache off.
 {{- with .root -}}
 {{- $external := .Values.externalDatabases.existingSecret -}}
 {{- if .Values.postgresql.enabled }}
-{{- /* query-api logs in as school_query, a member of school_reader (read-only). */}}
+{{- /* query-api logs in as school_query, a member of school_reader (read-only); the
+projectors as school_projector (no superuser; creates and owns the read models' tables). */}}
 - name: SCHOOL_POSTGRES_PASSWORD
   valueFrom:
-    secretKeyRef: { name: {{ include "school.postgresql.secret" . }}, key: {{ ternary "QUERY_PASSWORD" "POSTGRES_PASSWORD" $reader }} }
+    secretKeyRef: { name: {{ include "school.postgresql.secret" . }}, key: {{ ternary "QUERY_PASSWORD" "PROJECTOR_PASSWORD" $reader }} }
 - name: DATABASE_URL
-  value: "postgres://{{ ternary "school_query" .Values.postgresql.username $reader }}:$(SCHOOL_POSTGRES_PASSWORD)@{{ include "school.postgresql.fullname" . }}:5432/{{ .Values.postgresql.database }}"
+  value: "postgres://{{ ternary "school_query" "school_projector" $reader }}:$(SCHOOL_POSTGRES_PASSWORD)@{{ include "school.postgresql.fullname" . }}:5432/{{ .Values.postgresql.database }}"
 {{- else }}
 - name: DATABASE_URL
   valueFrom:
-    secretKeyRef: { name: {{ required "externalDatabases.existingSecret (with DATABASE_URL) is required when postgresql.enabled is false" $external }}, key: {{ ternary .Values.externalDatabases.queryDatabaseUrlKey "DATABASE_URL" $reader }} }
+    secretKeyRef: { name: {{ required "externalDatabases.existingSecret (with DATABASE_URL) is required when postgresql.enabled is false" $external }}, key: {{ ternary .Values.externalDatabases.queryDatabaseUrlKey .Values.externalDatabases.projectorDatabaseUrlKey $reader }} }
 {{- end }}
 {{- if .Values.mongodb.enabled }}
 - name: SCHOOL_MONGODB_PASSWORD
