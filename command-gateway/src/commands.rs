@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use events::{Event, EventMetadata, TraceContext};
+use events::{AggregateKind, Event, EventMetadata, TraceContext};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
 use service_kit::metrics;
@@ -153,6 +153,49 @@ impl CommandService {
         &self.aggregates
     }
 
+    /// What an earlier, unanswered create of `target` made, as its answer: the aggregate's
+    /// current version, and a position at or after its last change and the last changes of
+    /// the aggregates it relates to (the creating batch enrolled it in those).
+    pub async fn made_earlier(&self, target: AggregateId) -> Result<Accepted, CommandError> {
+        let mut snapshot = Snapshot::default();
+        let mut versions = BTreeMap::new();
+        self.aggregates
+            .load(&[target], true, &mut snapshot, &mut versions)
+            .await?;
+        let related: Vec<AggregateId> = match target.kind {
+            AggregateKind::Student => snapshot
+                .student(target.id)
+                .active()
+                .map(|s| {
+                    s.course_ids
+                        .iter()
+                        .map(|&c| AggregateId::course(c))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            AggregateKind::Course => snapshot
+                .course(target.id)
+                .active()
+                .map(|c| {
+                    c.student_ids
+                        .iter()
+                        .map(|&s| AggregateId::student(s))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        self.aggregates
+            .load(&related, true, &mut snapshot, &mut versions)
+            .await?;
+        Ok(Accepted {
+            target_version: versions.get(&target).copied().unwrap_or(0),
+            position: versions.values().copied().max().unwrap_or(0),
+            snapshot,
+            appended: 0,
+            attempts: 1,
+        })
+    }
+
     /// Executes `command`. `if_match` holds the versions of the addressed aggregate the
     /// client accepts (`If-Match`), checked against the version the decision reads.
     /// Loads, decides and appends, deciding again after a lost race.
@@ -260,8 +303,10 @@ impl CommandService {
         let target = command.target();
         let mut snapshot = Snapshot::default();
         let mut versions = BTreeMap::new();
-        if is_creation(command) {
-            // The gateway minted this id a moment ago: nothing can be on its subject.
+        if is_creation(command) && !refresh {
+            // A fresh id minted a moment ago has nothing on its subject. An id derived from an
+            // `Idempotency-Key` may: then the append loses its race, and the second read
+            // (`refresh`) loads what is there, so the decision says `AlreadyExists`.
             versions.insert(target, 0);
         } else {
             self.aggregates

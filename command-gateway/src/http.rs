@@ -17,6 +17,7 @@ use service_kit::auth::{API_KEY_HEADER, ScopeGuard, require_scope};
 use service_kit::json::JsonBody;
 use service_kit::trace::{self, SpanContext};
 use service_kit::{ApiKeys, FieldError, Problem, Scope, health, metrics, problem};
+use sha2::{Digest, Sha256};
 use tracing::Instrument;
 use utoipa::{OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
@@ -198,15 +199,17 @@ pub async fn register_student(
     JsonBody(body): JsonBody<StudentBody>,
 ) -> Response {
     let fingerprint = fingerprint("POST /api/students", &body);
+    let new_id = NewId::for_request(&headers, &fingerprint);
     run(
         state,
         headers,
         fingerprint,
         move |state, context, _| async move {
             let draft = body.parse()?;
-            let student_id = Uuid::now_v7();
+            let student_id = new_id.id;
             let command = Command::RegisterStudent { student_id, draft };
-            let accepted = execute(&state, &command, &context, None).await?;
+            let target = AggregateId::student(student_id);
+            let accepted = create(&state, &command, &context, new_id, target).await?;
             Ok(created("students", student_id, &accepted))
         },
     )
@@ -387,15 +390,17 @@ pub async fn create_course(
     JsonBody(body): JsonBody<CourseBody>,
 ) -> Response {
     let fingerprint = fingerprint("POST /api/courses", &body);
+    let new_id = NewId::for_request(&headers, &fingerprint);
     run(
         state,
         headers,
         fingerprint,
         move |state, context, _| async move {
             let draft = body.parse()?;
-            let course_id = Uuid::now_v7();
+            let course_id = new_id.id;
             let command = Command::CreateCourse { course_id, draft };
-            let accepted = execute(&state, &command, &context, None).await?;
+            let target = AggregateId::course(course_id);
+            let accepted = create(&state, &command, &context, new_id, target).await?;
             Ok(created("courses", course_id, &accepted))
         },
     )
@@ -546,6 +551,70 @@ async fn execute(
         .execute(command, context, if_match)
         .await
         .map_err(|error| command_error(error).into())
+}
+
+/// The id of the aggregate a create makes. With an `Idempotency-Key` it is derived from the
+/// client's API key, the idempotency key and the request (SHA-256, as a version 8 UUID), so
+/// a retry after an outcome that was never recorded (a `503` for an append the broker did
+/// store) names the same aggregate and finds it, instead of making a second one. Without
+/// one, a fresh time-ordered id.
+#[derive(Debug, Clone, Copy)]
+struct NewId {
+    id: Uuid,
+    derived: bool,
+}
+
+impl NewId {
+    fn for_request(headers: &HeaderMap, fingerprint: &str) -> NewId {
+        let Some(key) = headers.get(IDEMPOTENCY_KEY_HEADER) else {
+            return NewId {
+                id: Uuid::now_v7(),
+                derived: false,
+            };
+        };
+        let client = headers
+            .get(API_KEY_HEADER)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        let mut hash = Sha256::new();
+        for part in [client, key.as_bytes(), fingerprint.as_bytes()] {
+            // Length-prefixed, so no two different triples hash the same bytes.
+            hash.update(u64::try_from(part.len()).unwrap_or(u64::MAX).to_le_bytes());
+            hash.update(part);
+        }
+        let digest = hash.finalize();
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        NewId {
+            id: uuid::Builder::from_custom_bytes(bytes).into_uuid(),
+            derived: true,
+        }
+    }
+}
+
+/// Executes a create. When a derived id already names an aggregate, an earlier attempt of
+/// this same request (same client, key and body) made it and its outcome was lost: the
+/// answer is what that attempt made, not `409 already-exists`.
+async fn create(
+    state: &AppState,
+    command: &Command,
+    context: &CommandContext,
+    new_id: NewId,
+    target: AggregateId,
+) -> Result<Accepted, Outcome> {
+    match state.commands.execute(command, context, None).await {
+        Err(CommandError::Rule(DomainError::AlreadyExists(existing)))
+            if new_id.derived && existing == target =>
+        {
+            tracing::info!(aggregate = %target.id, "a retried create found what its first attempt made");
+            state
+                .commands
+                .made_earlier(target)
+                .await
+                .map_err(|error| command_error(error).into())
+        }
+        result => result.map_err(|error| command_error(error).into()),
+    }
 }
 
 /// `201` with the new resource's id and location.

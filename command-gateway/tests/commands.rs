@@ -372,6 +372,102 @@ async fn a_retried_idempotency_key_returns_the_first_outcome_also_from_a_restart
     gateway.broker.cleanup().await;
 }
 
+/// What a `503` for an append the broker did store leaves behind: the events are in the
+/// stream and no outcome is kept under the key (server errors are not remembered).
+async fn forget_idempotency_outcomes(gateway: &TestGateway) {
+    use futures::StreamExt;
+    let bucket = gateway
+        .broker
+        .jetstream
+        .get_key_value(gateway.broker.names.idempotency_bucket())
+        .await
+        .expect("idempotency bucket");
+    let keys: Vec<String> = bucket
+        .keys()
+        .await
+        .expect("keys")
+        .map(|key| key.expect("key"))
+        .collect()
+        .await;
+    assert!(!keys.is_empty(), "the first attempt kept an outcome");
+    for key in keys {
+        bucket.purge(&key).await.expect("purge");
+    }
+}
+
+fn token(answer: &Answer) -> u64 {
+    answer
+        .header("x-consistency-token")
+        .parse()
+        .expect("a numeric token")
+}
+
+#[tokio::test]
+async fn a_create_retried_after_its_outcome_was_lost_answers_what_the_first_attempt_made() {
+    let gateway = TestGateway::spawn().await;
+    let algebra = gateway.course("Algebra", &[]).await;
+    let key = uuid::Uuid::new_v4().to_string();
+    let cases = [
+        (
+            "/api/students",
+            student_body("Ada L", &[&algebra]),
+            "StudentRegistered",
+        ),
+        ("/api/courses", course_body("Optics", &[]), "CourseCreated"),
+    ];
+    for (path, body, created_type) in cases {
+        let post = || {
+            gateway
+                .request(Method::POST, path)
+                .header("idempotency-key", &key)
+                .json(&body)
+        };
+        let first = gateway.send(post()).await;
+        assert_eq!(first.status, StatusCode::CREATED, "{path}: {}", first.raw);
+        forget_idempotency_outcomes(&gateway).await;
+        let retry = gateway.send(post()).await;
+        assert_eq!(retry.status, StatusCode::CREATED, "{path}: {}", retry.raw);
+        assert_eq!(
+            retry.body["data"]["id"], first.body["data"]["id"],
+            "{path}: the retry names what the first attempt made"
+        );
+        assert_eq!(retry.header("etag"), first.header("etag"), "{path}");
+        assert_eq!(retry.header("location"), first.header("location"), "{path}");
+        assert!(
+            token(&retry) >= token(&first),
+            "{path}: the token covers the creation"
+        );
+        let made = gateway
+            .stored_events()
+            .await
+            .iter()
+            .filter(|(_, t)| t == created_type)
+            .count();
+        let expected = if created_type == "CourseCreated" {
+            2
+        } else {
+            1
+        };
+        assert_eq!(made, expected, "{path}: made once");
+        // The same key with another body is another request, with an aggregate of its own.
+        forget_idempotency_outcomes(&gateway).await;
+        let mut other_body = body.clone();
+        other_body["name"] = json!("Other name");
+        let other = gateway
+            .send(
+                gateway
+                    .request(Method::POST, path)
+                    .header("idempotency-key", &key)
+                    .json(&other_body),
+            )
+            .await;
+        assert_eq!(other.status, StatusCode::CREATED, "{path}: {}", other.raw);
+        assert_ne!(other.body["data"]["id"], first.body["data"]["id"], "{path}");
+        forget_idempotency_outcomes(&gateway).await;
+    }
+    gateway.broker.cleanup().await;
+}
+
 /// A small deterministic generator, so a failure names a reproducible case.
 struct XorShift(u64);
 
