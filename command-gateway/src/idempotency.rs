@@ -34,6 +34,8 @@ pub struct IdempotencyStore {
 pub struct Claim {
     kv_key: String,
     fingerprint: String,
+    /// The KV revision of the pending record: a release deletes exactly this claim.
+    revision: u64,
 }
 
 /// What `begin` found.
@@ -51,6 +53,11 @@ enum Record {
     Pending {
         fingerprint: String,
         started_at_ms: u64,
+        /// Names the request that claimed the key. A claim whose write was resent after a
+        /// broker blip (stored, then answered "already exists") is then still recognised as
+        /// this request's own, not as another request's that is running.
+        #[serde(default)]
+        claim: String,
     },
     Done {
         fingerprint: String,
@@ -72,15 +79,18 @@ impl IdempotencyStore {
         fingerprint: String,
     ) -> Result<Begin, Problem> {
         let kv_key = kv_key(client, key);
+        let claim = uuid::Uuid::new_v4().simple().to_string();
         let pending = encode(&Record::Pending {
             fingerprint: fingerprint.clone(),
             started_at_ms: now_ms(),
+            claim: claim.clone(),
         })?;
         match self.bucket.create(&kv_key, pending.clone()).await {
-            Ok(_) => {
+            Ok(revision) => {
                 return Ok(Begin::Claimed(Claim {
                     kv_key,
                     fingerprint,
+                    revision,
                 }));
             }
             Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {}
@@ -107,21 +117,32 @@ impl IdempotencyStore {
             Record::Pending {
                 fingerprint: stored,
                 started_at_ms,
+                claim: stored_claim,
             } => {
                 if stored != fingerprint {
                     return Err(reused());
+                }
+                if stored_claim == claim {
+                    // Our own claim: its write was resent and stored before the answer came.
+                    return Ok(Begin::Claimed(Claim {
+                        kv_key,
+                        fingerprint,
+                        revision: entry.revision,
+                    }));
                 }
                 if now_ms().saturating_sub(started_at_ms) < ABANDONED_AFTER.as_millis() as u64 {
                     return Err(in_use("a request with this key is still running"));
                 }
                 // The first request died without an outcome: take its claim over.
-                self.bucket
+                let revision = self
+                    .bucket
                     .update(&kv_key, pending, entry.revision)
                     .await
                     .map_err(|_| in_use("another retry took this key over"))?;
                 Ok(Begin::Claimed(Claim {
                     kv_key,
                     fingerprint,
+                    revision,
                 }))
             }
         }
@@ -131,10 +152,24 @@ impl IdempotencyStore {
     /// retry runs the command again.
     pub async fn finish(&self, claim: Claim, outcome: &Outcome) {
         let result = if outcome.status >= 500 {
-            self.bucket
-                .delete(&claim.kv_key)
-                .await
-                .map_err(|e| e.to_string())
+            if self.release(&claim).await {
+                return;
+            }
+            // The broker is likely away (that is what most server errors are): keep trying
+            // in the background, so a client retrying once it is back finds the key free
+            // instead of "still running" until the claim counts as abandoned.
+            let store = self.clone();
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + ABANDONED_AFTER;
+                while tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(RELEASE_RETRY).await;
+                    if store.release(&claim).await {
+                        return;
+                    }
+                }
+                tracing::warn!(key = %claim.kv_key, "could not release an idempotency claim; it expires as abandoned");
+            });
+            return;
         } else {
             match encode(&Record::Done {
                 fingerprint: claim.fingerprint,
@@ -156,6 +191,30 @@ impl IdempotencyStore {
         }
     }
 }
+
+impl IdempotencyStore {
+    /// Deletes the pending record of `claim`, and only it. `true` when nothing is left to do:
+    /// deleted, or the key no longer holds this claim.
+    async fn release(&self, claim: &Claim) -> bool {
+        match self
+            .bucket
+            .delete_expect_revision(&claim.kv_key, Some(claim.revision))
+            .await
+        {
+            Ok(()) => true,
+            // Refused or unanswered: either the broker is away (retry) or the record is no
+            // longer this claim (done). Reading the entry tells which.
+            Err(_) => match self.bucket.entry(&claim.kv_key).await {
+                Ok(Some(entry)) => entry.revision != claim.revision,
+                Ok(None) => true,
+                Err(_) => false,
+            },
+        }
+    }
+}
+
+/// Pause between attempts to release a claim while the broker is away.
+const RELEASE_RETRY: Duration = Duration::from_millis(500);
 
 /// Checks the header value: 1..=128 visible ASCII characters.
 pub fn parse_key(raw: &[u8]) -> Result<&str, Problem> {

@@ -227,10 +227,15 @@ pub async fn send(http: &reqwest::Client, url: &str, sent: Sent) -> Attempt {
             json!({"name": name, "first_name": "First", "last_name": "Last", "course_ids": [course]}),
         ),
     };
+    let name = match &sent {
+        Sent::CreateCourse { name } | Sent::RegisterStudent { name, .. } => name.clone(),
+    };
     let started = Instant::now();
     let result = http
         .post(format!("{url}{path}"))
         .header("x-api-key", WRITE_KEY)
+        // Names are unique per command: a retry of the same command sends the same key.
+        .header("idempotency-key", name)
         .json(&body)
         .send()
         .await;
