@@ -34,8 +34,8 @@ pub struct IdempotencyStore {
 pub struct Claim {
     kv_key: String,
     fingerprint: String,
-    /// The KV revision of the pending record: a release deletes exactly this claim.
-    revision: u64,
+    /// The nonce of the pending record: a release deletes this claim and no other.
+    claim: String,
 }
 
 /// What `begin` found.
@@ -86,15 +86,21 @@ impl IdempotencyStore {
             claim: claim.clone(),
         })?;
         match self.bucket.create(&kv_key, pending.clone()).await {
-            Ok(revision) => {
+            Ok(_) => {
                 return Ok(Begin::Claimed(Claim {
                     kv_key,
                     fingerprint,
-                    revision,
+                    claim,
                 }));
             }
             Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {}
-            Err(error) => return Err(unavailable(&error)),
+            Err(error) => {
+                // Unanswered is not unwritten: the claim may be stored once the broker is
+                // back (a resent publish), and would then block every retry until it counts
+                // as abandoned. Release it if it lands.
+                self.release_in_background(kv_key, claim);
+                return Err(unavailable(&error));
+            }
         }
         let entry = self
             .bucket
@@ -127,22 +133,21 @@ impl IdempotencyStore {
                     return Ok(Begin::Claimed(Claim {
                         kv_key,
                         fingerprint,
-                        revision: entry.revision,
+                        claim,
                     }));
                 }
                 if now_ms().saturating_sub(started_at_ms) < ABANDONED_AFTER.as_millis() as u64 {
                     return Err(in_use("a request with this key is still running"));
                 }
                 // The first request died without an outcome: take its claim over.
-                let revision = self
-                    .bucket
+                self.bucket
                     .update(&kv_key, pending, entry.revision)
                     .await
                     .map_err(|_| in_use("another retry took this key over"))?;
                 Ok(Begin::Claimed(Claim {
                     kv_key,
                     fingerprint,
-                    revision,
+                    claim,
                 }))
             }
         }
@@ -151,38 +156,24 @@ impl IdempotencyStore {
     /// Stores the outcome of a claimed key, or releases the claim after a server error so a
     /// retry runs the command again.
     pub async fn finish(&self, claim: Claim, outcome: &Outcome) {
-        let result = if outcome.status >= 500 {
-            if self.release(&claim).await {
-                return;
+        if outcome.status >= 500 {
+            if !self.release(&claim.kv_key, &claim.claim).await {
+                // The broker is likely away (that is what most server errors are).
+                self.release_in_background(claim.kv_key, claim.claim);
             }
-            // The broker is likely away (that is what most server errors are): keep trying
-            // in the background, so a client retrying once it is back finds the key free
-            // instead of "still running" until the claim counts as abandoned.
-            let store = self.clone();
-            tokio::spawn(async move {
-                let deadline = tokio::time::Instant::now() + ABANDONED_AFTER;
-                while tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(RELEASE_RETRY).await;
-                    if store.release(&claim).await {
-                        return;
-                    }
-                }
-                tracing::warn!(key = %claim.kv_key, "could not release an idempotency claim; it expires as abandoned");
-            });
             return;
-        } else {
-            match encode(&Record::Done {
-                fingerprint: claim.fingerprint,
-                outcome: outcome.clone(),
-            }) {
-                Ok(record) => self
-                    .bucket
-                    .put(&claim.kv_key, record)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                Err(_) => Err("encoding the outcome".into()),
-            }
+        }
+        let result = match encode(&Record::Done {
+            fingerprint: claim.fingerprint,
+            outcome: outcome.clone(),
+        }) {
+            Ok(record) => self
+                .bucket
+                .put(&claim.kv_key, record)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Err(_) => Err("encoding the outcome".into()),
         };
         if let Err(error) = result {
             // The command's effect stands; only its replay is lost (a retry would then wait
@@ -193,23 +184,39 @@ impl IdempotencyStore {
 }
 
 impl IdempotencyStore {
-    /// Deletes the pending record of `claim`, and only it. `true` when nothing is left to do:
-    /// deleted, or the key no longer holds this claim.
-    async fn release(&self, claim: &Claim) -> bool {
-        match self
-            .bucket
-            .delete_expect_revision(&claim.kv_key, Some(claim.revision))
-            .await
-        {
-            Ok(()) => true,
-            // Refused or unanswered: either the broker is away (retry) or the record is no
-            // longer this claim (done). Reading the entry tells which.
-            Err(_) => match self.bucket.entry(&claim.kv_key).await {
-                Ok(Some(entry)) => entry.revision != claim.revision,
-                Ok(None) => true,
-                Err(_) => false,
-            },
+    /// Deletes the pending record with nonce `claim` under `kv_key`, and nothing else. `true`
+    /// when nothing is left to do: deleted, or the key does not hold that claim.
+    async fn release(&self, kv_key: &str, claim: &str) -> bool {
+        let entry = match self.bucket.entry(kv_key).await {
+            Ok(Some(entry)) if entry.operation == kv::Operation::Put => entry,
+            Ok(_) => return true,
+            Err(_) => return false,
+        };
+        match serde_json::from_slice::<Record>(&entry.value) {
+            Ok(Record::Pending { claim: stored, .. }) if stored == claim => self
+                .bucket
+                .delete_expect_revision(kv_key, Some(entry.revision))
+                .await
+                .is_ok(),
+            _ => true,
         }
+    }
+
+    /// Keeps trying to release a claim while the broker is away, so a client retrying once
+    /// it is back finds the key free instead of "still running" until the claim counts as
+    /// abandoned.
+    fn release_in_background(&self, kv_key: String, claim: String) {
+        let store = self.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + ABANDONED_AFTER;
+            while tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(RELEASE_RETRY).await;
+                if store.release(&kv_key, &claim).await {
+                    return;
+                }
+            }
+            tracing::warn!(key = %kv_key, "could not release an idempotency claim; it expires as abandoned");
+        });
     }
 }
 
