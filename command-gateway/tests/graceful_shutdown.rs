@@ -157,9 +157,9 @@ async fn sigterm_under_load_answers_every_request_in_flight_and_exits_cleanly_in
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let signal_at = Instant::now();
-        gateway.sigterm();
+        gateway.process.sigterm();
         let delivered_at = Instant::now();
-        let status = gateway.exit_within(GRACE).await;
+        let status = gateway.process.exit_within(GRACE).await;
         let took = signal_at.elapsed();
         // The load goes on a little after the exit: those requests meet a closed port.
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +40,7 @@ async fn sigkill_mid_batch_under_load_loses_and_doubles_nothing() {
                 let mut projectors = Projectors::start(&prefix, &db_url);
                 projectors.wait_started().await;
                 tokio::time::sleep(Duration::from_millis(20 + 25 * (kills % 4))).await;
-                projectors.kill();
+                projectors.process.kill();
                 kills += 1;
             }
             kills
@@ -86,7 +85,7 @@ async fn sigkill_mid_batch_under_load_loses_and_doubles_nothing() {
         let mut projectors = Projectors::start(broker.names.prefix(), &db.url);
         projectors.wait_started().await;
         tokio::time::sleep(Duration::from_millis(delay)).await;
-        projectors.kill();
+        projectors.process.kill();
     }
     let mut projectors = Projectors::start(broker.names.prefix(), &db.url);
 
@@ -103,7 +102,7 @@ async fn sigkill_mid_batch_under_load_loses_and_doubles_nothing() {
         if std::time::Instant::now() > deadline {
             eprintln!(
                 "the last projectors process: {:?}",
-                projectors.child.try_wait()
+                projectors.process.exited()
             );
             panic!(
                 "read models differ from the accepted commands after 60 s:\n{}",
@@ -135,22 +134,12 @@ async fn sigkill_mid_batch_under_load_loses_and_doubles_nothing() {
     // SIGTERM: the last projectors process finishes its batch, acks, and exits cleanly.
     projectors.wait_started().await;
     let asked = std::time::Instant::now();
-    let terminated = Command::new("kill")
-        .args(["-TERM", &projectors.child.id().to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(terminated.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = projectors.child.try_wait().expect("status") {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no exit within 10 s of SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    projectors.process.sigterm();
+    let status = projectors
+        .process
+        .exit_within(Duration::from_secs(10))
+        .await
+        .expect("no exit within 10 s of SIGTERM");
     assert!(status.success(), "exit after SIGTERM: {status:?}");
     eprintln!("projectors exited {:?} after SIGTERM", asked.elapsed());
     db.cleanup().await;

@@ -74,9 +74,9 @@ async fn sigterm_under_load_acks_what_was_applied_and_exits_cleanly_in_time() {
         projectors.wait_started().await;
         tokio::time::sleep(run_for).await;
         let before = PgStudents::checkpoint(&students).await.expect("checkpoint");
-        projectors.sigterm();
+        projectors.process.sigterm();
         let asked = Instant::now();
-        let status = projectors.exit_within(GRACE).await;
+        let status = projectors.process.exit_within(GRACE).await;
         let took = asked.elapsed();
         let status =
             status.unwrap_or_else(|| panic!("round {round}: no exit within {GRACE:?} of SIGTERM"));

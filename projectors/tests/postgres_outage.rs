@@ -110,7 +110,7 @@ async fn a_postgres_outage_under_load_is_waited_out_and_the_read_models_catch_up
         let (not_ready_after, ready_while_down, silent) =
             watch_readiness(&projectors, &http, down_at, down_at + *down_for).await;
         assert!(
-            projectors.is_alive(),
+            projectors.process.is_alive(),
             "the projectors process must wait for Postgres, not exit"
         );
         postgres.restart();

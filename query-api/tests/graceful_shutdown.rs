@@ -21,7 +21,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use common::{Options, TestSystem};
 use events::StreamNames;
 use serde_json::{Value, json};
-use test_support::{READ_KEY, WRITE_KEY, free_port};
+use test_support::{READ_KEY, ServiceProcess, WRITE_KEY, free_port};
 
 /// The chart's `terminationGracePeriodSeconds` (30) minus its `preStop` sleep (5): the time
 /// the process has between SIGTERM and SIGKILL.
@@ -71,7 +71,7 @@ fn plan() -> Plan {
 
 /// One query-api process on the test's read models, Redis and streams.
 struct QueryApiProcess {
-    child: Child,
+    process: ServiceProcess,
     url: String,
 }
 
@@ -98,55 +98,22 @@ impl QueryApiProcess {
             Some(redis) => command.env("REDIS_URL", redis.url()),
             None => command.env_remove("REDIS_URL"),
         };
-        let child = command.spawn().expect("query-api binary");
         let mut process = QueryApiProcess {
-            child,
+            process: ServiceProcess::spawn("query-api", &mut command),
             url: format!("http://127.0.0.1:{port}"),
         };
         let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(response) = http.get(format!("{}/healthz", process.url)).send().await
-                && response.status().is_success()
-            {
-                break;
-            }
-            assert!(
-                process.child.try_wait().ok().flatten().is_none(),
-                "query-api exited at start"
-            );
-            assert!(Instant::now() < deadline, "query-api did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let health = format!("{}/healthz", process.url);
         process
-    }
-
-    fn sigterm(&self) {
-        let sent = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill -TERM");
-        assert!(sent.success(), "SIGTERM delivered");
-    }
-
-    async fn exit_within(&mut self, grace: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + grace;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("process status") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl Drop for QueryApiProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+            .process
+            .wait_until(|| async {
+                http.get(&health)
+                    .send()
+                    .await
+                    .is_ok_and(|response| response.status().is_success())
+            })
+            .await;
+        process
     }
 }
 
@@ -424,9 +391,9 @@ async fn sigterm_under_reads_answers_every_read_in_flight_rightly_and_exits_clea
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let signal_at = Instant::now();
-        query.sigterm();
+        query.process.sigterm();
         let delivered_at = Instant::now();
-        let status = query.exit_within(GRACE).await;
+        let status = query.process.exit_within(GRACE).await;
         let took = signal_at.elapsed();
         // The reads go on a little after the exit: those meet a closed port.
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -11,8 +11,10 @@ use uuid::Uuid;
 
 mod nats_server;
 mod postgres_server;
+mod process;
 pub use nats_server::{NatsServer, NatsStop};
 pub use postgres_server::{PgStop, PostgresServer};
+pub use process::ServiceProcess;
 
 /// Keys every in-process test server accepts.
 pub const WRITE_KEY: &str = "test-write-key";

@@ -5,7 +5,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::collections::HashMap;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use events::{EventPayload, StreamNames};
 use serde_json::json;
-use test_support::{WRITE_KEY, free_port};
+use test_support::{ServiceProcess, WRITE_KEY, free_port};
 use uuid::Uuid;
 
 /// `FAULTS_LONG=1` selects the long version of a fault scenario.
@@ -23,7 +23,7 @@ pub fn long_version() -> bool {
 
 /// One command-gateway process.
 pub struct GatewayProcess {
-    pub child: Child,
+    pub process: ServiceProcess,
     pub url: String,
 }
 
@@ -32,7 +32,8 @@ impl GatewayProcess {
     /// waits until it answers `/healthz`.
     pub async fn start(nats_url: &str, names: &StreamNames) -> GatewayProcess {
         let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_command-gateway"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_command-gateway"));
+        command
             .env("NATS_URL", nats_url)
             .env("STREAM_PREFIX", names.prefix())
             .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
@@ -45,59 +46,24 @@ impl GatewayProcess {
                 std::env::var("GATEWAY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("command-gateway binary");
+            .stderr(Stdio::inherit());
         let mut gateway = GatewayProcess {
-            child,
+            process: ServiceProcess::spawn("command-gateway", &mut command),
             url: format!("http://127.0.0.1:{port}"),
         };
         let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(response) = http.get(format!("{}/healthz", gateway.url)).send().await
-                && response.status().is_success()
-            {
-                break;
-            }
-            assert!(
-                gateway.child.try_wait().ok().flatten().is_none(),
-                "command-gateway exited at start"
-            );
-            assert!(Instant::now() < deadline, "command-gateway did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let health = format!("{}/healthz", gateway.url);
+        gateway.process.wait_until(|| healthy(&http, &health)).await;
         gateway
-    }
-
-    pub fn sigterm(&self) {
-        let sent = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill -TERM");
-        assert!(sent.success(), "SIGTERM delivered");
-    }
-
-    /// The exit status, if the process exits within `grace`.
-    pub async fn exit_within(&mut self, grace: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + grace;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("process status") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
     }
 }
 
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Whether `url` answers 2xx.
+pub async fn healthy(http: &reqwest::Client, url: &str) -> bool {
+    http.get(url)
+        .send()
+        .await
+        .is_ok_and(|response| response.status().is_success())
 }
 
 /// What a command was.

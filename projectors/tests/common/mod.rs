@@ -6,13 +6,13 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use command_gateway::commands::{CommandContext, CommandService};
 use command_gateway::domain::{Command as DomainCommand, CourseDraft, Snapshot, StudentDraft};
 use projectors::{CourseStore, PgStudents};
-use test_support::free_port;
+use test_support::{ServiceProcess, free_port};
 use uuid::Uuid;
 
 /// `FAULTS_LONG=1` selects the long version of a fault scenario.
@@ -22,7 +22,7 @@ pub fn long_version() -> bool {
 
 /// One projectors process on a test's streams and database.
 pub struct Projectors {
-    pub child: Child,
+    pub process: ServiceProcess,
     pub port: u16,
 }
 
@@ -34,7 +34,8 @@ impl Projectors {
     /// Like [`start`](Self::start), with extra environment variables.
     pub fn start_with(prefix: &str, database_url: &str, env: &[(&str, &str)]) -> Projectors {
         let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_projectors"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_projectors"));
+        command
             .env("NATS_URL", test_support::nats_url())
             .env("DATABASE_URL", database_url)
             .env("STREAM_PREFIX", prefix)
@@ -48,58 +49,24 @@ impl Projectors {
             .env_remove("COURSES_STORE_URL")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("projectors binary");
-        Projectors { child, port }
+            .stderr(Stdio::inherit());
+        Projectors {
+            process: ServiceProcess::spawn("projectors", &mut command),
+            port,
+        }
     }
 
     /// Waits until the process has connected everything and started consuming (its health
     /// listener is bound right before the projections start).
     pub async fn wait_started(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
-        {
-            assert!(
-                self.child.try_wait().ok().flatten().is_none(),
-                "projectors exited at start"
-            );
-            assert!(Instant::now() < deadline, "projectors did not start");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    pub fn kill(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-
-    pub fn sigterm(&self) {
-        let sent = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill -TERM");
-        assert!(sent.success(), "SIGTERM delivered");
-    }
-
-    pub fn is_alive(&mut self) -> bool {
-        self.child.try_wait().ok().flatten().is_none()
-    }
-
-    /// The exit status, if the process exits within `grace`.
-    pub async fn exit_within(&mut self, grace: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + grace;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("process status") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let port = self.port;
+        self.process
+            .wait_until(|| async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            })
+            .await;
     }
 
     /// `/readyz`: `Some(status)`, or `None` when it did not answer within `timeout`.
@@ -128,12 +95,6 @@ impl Projectors {
             .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
             .collect();
         (!samples.is_empty()).then(|| samples.iter().sum())
-    }
-}
-
-impl Drop for Projectors {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
