@@ -5,24 +5,11 @@ use std::collections::BTreeMap;
 
 use command_gateway::domain::AggregateId;
 use command_gateway::event_store::{AppendError, EventStore};
-use events::{AggregateKind, Enrollment, Event, EventMetadata, EventPayload, StudentDetails};
+use events::{AggregateKind, Enrollment, Event, EventPayload, StudentDetails};
 use test_support::TestBroker;
 use uuid::Uuid;
 
-fn event(kind: AggregateKind, id: Uuid, payload: EventPayload) -> Event {
-    Event {
-        metadata: EventMetadata {
-            event_id: Uuid::now_v7(),
-            aggregate_kind: kind,
-            aggregate_id: id,
-            occurred_at: chrono::Utc::now(),
-            correlation_id: Uuid::now_v7(),
-            causation_id: Uuid::now_v7(),
-            trace: Default::default(),
-        },
-        payload,
-    }
-}
+use test_support::event;
 
 fn registered(id: Uuid) -> Event {
     event(

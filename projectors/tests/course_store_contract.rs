@@ -2,25 +2,14 @@
 //! documents, exactly once in effect. Runs on Postgres always, on MongoDB when
 //! `MONGODB_URL` names a server.
 
-use events::{AggregateKind, CourseDetails, Enrollment, Event, EventMetadata, EventPayload};
+use events::{AggregateKind, CourseDetails, Enrollment, Event, EventPayload};
 use projectors::course_document::CourseDocument;
 use projectors::{CourseStore, ProjectionStore};
 use test_support::TestDatabase;
 use uuid::Uuid;
 
 fn event(course: Uuid, payload: EventPayload) -> Event {
-    Event {
-        metadata: EventMetadata {
-            event_id: Uuid::now_v7(),
-            aggregate_kind: AggregateKind::Course,
-            aggregate_id: course,
-            occurred_at: chrono::Utc::now(),
-            correlation_id: Uuid::now_v7(),
-            causation_id: Uuid::now_v7(),
-            trace: Default::default(),
-        },
-        payload,
-    }
+    test_support::event(AggregateKind::Course, course, payload)
 }
 
 fn details(name: &str) -> CourseDetails {

@@ -5,7 +5,7 @@
 //! refuses it everything beyond that: roles, databases, other roles' tables, the catalogue
 //! of passwords, programs on the server and the server's configuration.
 
-use events::{AggregateKind, Enrollment, Event, EventMetadata, EventPayload, StudentDetails};
+use events::{AggregateKind, Enrollment, Event, EventPayload, StudentDetails};
 use projectors::PgStudents;
 use projectors::generation::{Generation, STUDENTS};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -14,18 +14,7 @@ use test_support::{TestDatabase, unique_suffix};
 use uuid::Uuid;
 
 fn event(student_id: Uuid, payload: EventPayload) -> Event {
-    Event {
-        metadata: EventMetadata {
-            event_id: Uuid::now_v7(),
-            aggregate_kind: AggregateKind::Student,
-            aggregate_id: student_id,
-            occurred_at: chrono::Utc::now(),
-            correlation_id: Uuid::now_v7(),
-            causation_id: Uuid::now_v7(),
-            trace: Default::default(),
-        },
-        payload,
-    }
+    test_support::event(AggregateKind::Student, student_id, payload)
 }
 
 fn events(ada: Uuid, course: Uuid) -> Vec<(u64, Event)> {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use events::{AggregateKind, Enrollment, Event, EventMetadata, EventPayload, StudentDetails};
+use events::{AggregateKind, Enrollment, Event, EventPayload, StudentDetails};
 use std::sync::Arc;
 
 use projectors::{PgStudents, ProjectionProgress, ProjectionRunner, ProjectionStore};
@@ -13,18 +13,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 fn event(student_id: Uuid, payload: EventPayload) -> Event {
-    Event {
-        metadata: EventMetadata {
-            event_id: Uuid::now_v7(),
-            aggregate_kind: AggregateKind::Student,
-            aggregate_id: student_id,
-            occurred_at: chrono::Utc::now(),
-            correlation_id: Uuid::now_v7(),
-            causation_id: Uuid::now_v7(),
-            trace: Default::default(),
-        },
-        payload,
-    }
+    test_support::event(AggregateKind::Student, student_id, payload)
 }
 
 fn registered(student_id: Uuid, name: &str) -> Event {

@@ -37,6 +37,27 @@ pub fn database_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:15432/school".into())
 }
 
+/// An event of `kind` on aggregate `id`, with fresh ids and the current time: what tests
+/// that write to the stream or a store directly feed them.
+pub fn event(
+    kind: events::AggregateKind,
+    id: Uuid,
+    payload: events::EventPayload,
+) -> events::Event {
+    events::Event {
+        metadata: events::EventMetadata {
+            event_id: Uuid::now_v7(),
+            aggregate_kind: kind,
+            aggregate_id: id,
+            occurred_at: chrono::Utc::now(),
+            correlation_id: Uuid::now_v7(),
+            causation_id: Uuid::now_v7(),
+            trace: Default::default(),
+        },
+        payload,
+    }
+}
+
 /// A short unique name fragment for one test.
 pub fn unique_suffix() -> String {
     Uuid::new_v4().simple().to_string()[..12].to_owned()

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use events::{AggregateKind, Enrollment, Event, EventMetadata, EventPayload, StudentDetails};
+use events::{AggregateKind, Enrollment, Event, EventPayload, StudentDetails};
 use projectors::{PgStudents, ProjectionProgress, ProjectionRunner};
 use test_support::{TestBroker, TestDatabase};
 use tokio::sync::watch;
@@ -80,18 +80,7 @@ impl Live {
 }
 
 pub fn event(student_id: Uuid, payload: EventPayload) -> Event {
-    Event {
-        metadata: EventMetadata {
-            event_id: Uuid::now_v7(),
-            aggregate_kind: AggregateKind::Student,
-            aggregate_id: student_id,
-            occurred_at: chrono::Utc::now(),
-            correlation_id: Uuid::now_v7(),
-            causation_id: Uuid::now_v7(),
-            trace: Default::default(),
-        },
-        payload,
-    }
+    test_support::event(AggregateKind::Student, student_id, payload)
 }
 
 pub fn registered(student_id: Uuid, name: &str) -> Event {
