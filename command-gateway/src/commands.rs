@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use events::{AggregateKind, Event, EventMetadata, TraceContext};
+use events::{Event, EventMetadata, TraceContext};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
 use service_kit::metrics;
@@ -162,28 +162,7 @@ impl CommandService {
         self.aggregates
             .load(&[target], true, &mut snapshot, &mut versions)
             .await?;
-        let related: Vec<AggregateId> = match target.kind {
-            AggregateKind::Student => snapshot
-                .student(target.id)
-                .active()
-                .map(|s| {
-                    s.course_ids
-                        .iter()
-                        .map(|&c| AggregateId::course(c))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            AggregateKind::Course => snapshot
-                .course(target.id)
-                .active()
-                .map(|c| {
-                    c.student_ids
-                        .iter()
-                        .map(|&s| AggregateId::student(s))
-                        .collect()
-                })
-                .unwrap_or_default(),
-        };
+        let related = snapshot.relations(target);
         self.aggregates
             .load(&related, true, &mut snapshot, &mut versions)
             .await?;

@@ -181,9 +181,7 @@ impl IdempotencyStore {
             tracing::error!(%error, key = %claim.kv_key, "storing the idempotent outcome failed");
         }
     }
-}
 
-impl IdempotencyStore {
     /// Deletes the pending record with nonce `claim` under `kv_key`, and nothing else. `true`
     /// when nothing is left to do: deleted, or the key does not hold that claim.
     async fn release(&self, kv_key: &str, claim: &str) -> bool {

@@ -185,6 +185,22 @@ impl Snapshot {
         self.courses.get(&id).unwrap_or(&ABSENT_COURSE)
     }
 
+    /// The aggregates `id` is related to: a student's courses, a course's students.
+    pub fn relations(&self, id: AggregateId) -> Vec<AggregateId> {
+        match id.kind {
+            AggregateKind::Student => self
+                .student_course_ids(id.id)
+                .into_iter()
+                .map(AggregateId::course)
+                .collect(),
+            AggregateKind::Course => self
+                .course_student_ids(id.id)
+                .into_iter()
+                .map(AggregateId::student)
+                .collect(),
+        }
+    }
+
     fn student_course_ids(&self, id: Uuid) -> Vec<Uuid> {
         self.student(id)
             .active()
