@@ -25,6 +25,11 @@ use figures::Run;
 use report::{Compare, Row, median};
 use world::{Process, World};
 
+// The projection figures run the projector inside this process: with the allocator of the
+// projectors binary, so they measure what it would do.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "bench",
@@ -86,6 +91,24 @@ struct Args {
     /// Where the chart goes.
     #[arg(long, default_value = "bench.png")]
     chart: PathBuf,
+    /// Measure only these parts (for profiling one figure; prints the table, writes nothing).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Part>,
+}
+
+/// The parts of a run that `--only` can pick.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// Create commands, their publish-with-ack ceiling, and accepted -> visible.
+    Commands,
+    /// Cached and uncached REST and gRPC reads, and the hello-world ceilings.
+    Reads,
+    /// The cqrs-es + postgres-es peer.
+    Peer,
+    /// The projector on a backlog, and the UNNEST ceiling.
+    Projection,
+    /// The full replay.
+    Replay,
 }
 
 impl Args {
@@ -98,6 +121,10 @@ impl Args {
             self.replay_events = 5_000;
         }
         self
+    }
+
+    fn measures(&self, part: Part) -> bool {
+        self.only.is_empty() || self.only.contains(&part)
     }
 
     fn duration(&self) -> Duration {
@@ -232,17 +259,21 @@ async fn all(args: Args) -> anyhow::Result<()> {
         // Commands, reads and visibility on the real services of one fresh world.
         let world = World::new().await;
         let system = world.start_system(&bin_dir).await?;
-        say("create commands over HTTP, and JetStream publish-with-ack");
-        commands.push(figures::create_commands(&system.gateway, c, warmup, duration).await?);
-        publish.push(figures::publish_with_ack(&world.broker, c, warmup, duration).await?);
+        if args.measures(Part::Commands) {
+            say("create commands over HTTP, and JetStream publish-with-ack");
+            commands.push(figures::create_commands(&system.gateway, c, warmup, duration).await?);
+            publish.push(figures::publish_with_ack(&world.broker, c, warmup, duration).await?);
+        }
 
-        say("reads: REST and gRPC, cached and uncached, and hello-world ceilings");
         let id = seed_student(&system).await?;
         let path = format!("/api/students/{id}");
-        for (i, server) in [&hello, &system.query, &system.query_uncached]
-            .into_iter()
-            .enumerate()
-        {
+        let read_servers = if args.measures(Part::Reads) {
+            say("reads: REST and gRPC, cached and uncached, and hello-world ceilings");
+            vec![&hello, &system.query, &system.query_uncached]
+        } else {
+            Vec::new()
+        };
+        for (i, server) in read_servers.into_iter().enumerate() {
             let api_key = world::READ_KEY;
             reads[i].push(
                 figures::measured(Some(server), async || {
@@ -259,54 +290,64 @@ async fn all(args: Args) -> anyhow::Result<()> {
             );
         }
 
-        say("command accepted -> visible, at half the measured command rate");
-        let rate = (commands.last().map_or(100.0, |r| r.rate) / 2.0).max(10.0);
-        visible.push(figures::accepted_to_visible(&world, &system.gateway, rate, duration).await?);
-        round_trip
-            .push(figures::round_trip_ceiling(&world, if args.tiny { 50 } else { 1000 }).await?);
+        if args.measures(Part::Commands) {
+            say("command accepted -> visible, at half the measured command rate");
+            let rate = (commands.last().map_or(100.0, |r| r.rate) / 2.0).max(10.0);
+            visible
+                .push(figures::accepted_to_visible(&world, &system.gateway, rate, duration).await?);
+            round_trip.push(
+                figures::round_trip_ceiling(&world, if args.tiny { 50 } else { 1000 }).await?,
+            );
+        }
         drop(system);
         world.cleanup().await;
 
-        say("the peer: cqrs-es + postgres-es");
-        let peer_world = World::new().await;
-        let peer = start_peer(&peer_world.db.url).await?;
-        peer_runs.push(
-            figures::measured(Some(&peer), async || {
-                load::http_load(
-                    peer.http,
-                    hyper::StatusCode::CREATED,
-                    c,
-                    warmup,
-                    duration,
-                    || load::HttpRequest {
-                        method: hyper::Method::POST,
-                        path: "/api/students".into(),
-                        api_key: world::WRITE_KEY,
-                        body: Some(hyper::body::Bytes::from_static(
-                            br#"{"name":"Bench B","first_name":"Bench","last_name":"Student"}"#,
-                        )),
-                    },
-                )
-                .await
-            })
-            .await?,
-        );
-        drop(peer);
-        peer_world.cleanup().await;
+        if args.measures(Part::Peer) {
+            say("the peer: cqrs-es + postgres-es");
+            let peer_world = World::new().await;
+            let peer = start_peer(&peer_world.db.url).await?;
+            peer_runs.push(
+                figures::measured(Some(&peer), async || {
+                    load::http_load(
+                        peer.http,
+                        hyper::StatusCode::CREATED,
+                        c,
+                        warmup,
+                        duration,
+                        || load::HttpRequest {
+                            method: hyper::Method::POST,
+                            path: "/api/students".into(),
+                            api_key: world::WRITE_KEY,
+                            body: Some(hyper::body::Bytes::from_static(
+                                br#"{"name":"Bench B","first_name":"Bench","last_name":"Student"}"#,
+                            )),
+                        },
+                    )
+                    .await
+                })
+                .await?,
+            );
+            drop(peer);
+            peer_world.cleanup().await;
+        }
 
-        say(&format!(
-            "projector on a backlog of {} events, and raw UNNEST upserts",
-            args.projection_events
-        ));
-        let (system_run, ceiling_run) = figures::projection(args.projection_events).await?;
-        projection.push(system_run);
-        unnest.push(ceiling_run);
+        if args.measures(Part::Projection) {
+            say(&format!(
+                "projector on a backlog of {} events, and raw UNNEST upserts",
+                args.projection_events
+            ));
+            let (system_run, ceiling_run) = figures::projection(args.projection_events).await?;
+            projection.push(system_run);
+            unnest.push(ceiling_run);
+        }
 
-        say(&format!(
-            "full replay of about {} events while reads are served",
-            args.replay_events
-        ));
-        replay.push(figures::full_replay(args.replay_events).await?);
+        if args.measures(Part::Replay) {
+            say(&format!(
+                "full replay of about {} events while reads are served",
+                args.replay_events
+            ));
+            replay.push(figures::full_replay(args.replay_events).await?);
+        }
     }
     drop(hello);
 
@@ -314,6 +355,12 @@ async fn all(args: Args) -> anyhow::Result<()> {
     let rows = rows(
         &args, commands, publish, peer_runs, projection, unnest, replay, reads, visible, round_trip,
     );
+    if !args.only.is_empty() {
+        let measured: Vec<Row> = rows.into_iter().filter(|r| !r.runs.is_empty()).collect();
+        println!("{}", report::table(&measured));
+        say("--only: a partial run, nothing written");
+        return Ok(());
+    }
     let table = report::table(&rows);
     println!("{table}");
     println!("Replay runs: {}.", replay_notes.join("; "));
@@ -407,7 +454,10 @@ fn rows(
             unit: "events/s",
             met: Some(rate(&projection) >= 40_000.0 && ratio(&projection, &unnest) >= 0.6),
             runs: projection,
-            ceiling_name: "INSERT … SELECT FROM UNNEST … ON CONFLICT, 500 rows/tx".into(),
+            ceiling_name: format!(
+                "INSERT … SELECT FROM UNNEST … ON CONFLICT, {} rows/tx",
+                figures::PROJECTOR_BATCH
+            ),
             ceiling: unnest,
             target: "≥ 40 000 events/s, ≥ 60 %".into(),
             chart: true,
