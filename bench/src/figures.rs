@@ -195,13 +195,17 @@ pub async fn publish_all(broker: &TestBroker, events: &[Event]) -> anyhow::Resul
 }
 
 /// Runs the live students projection in this process until `shutdown`.
+/// Events per transaction of the projector here (its default, `BATCH_SIZE`), and so rows per
+/// transaction of its UNNEST ceiling.
+pub const PROJECTOR_BATCH: usize = 1000;
+
 fn spawn_projection(world: &World, store: PgStudents) -> tokio::sync::watch::Sender<bool> {
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let runner = ProjectionRunner {
         jetstream: world.broker.jetstream.clone(),
         names: world.broker.names.clone(),
         store,
-        batch_size: 500,
+        batch_size: PROJECTOR_BATCH,
         cache: None,
         progress: Arc::new(ProjectionProgress::default()),
     };
@@ -247,7 +251,7 @@ pub async fn projection(events: usize) -> anyhow::Result<(Run, Run)> {
         .await?;
     let started = Instant::now();
     let cpu = world::own_cpu_seconds();
-    for chunk in backlog.chunks(500) {
+    for chunk in backlog.chunks(PROJECTOR_BATCH) {
         let mut tx = world.db.pool.begin().await?;
         let (mut ids, mut names, mut firsts, mut lasts, mut versions, mut ats) = (
             Vec::new(),
