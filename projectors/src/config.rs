@@ -30,7 +30,7 @@ pub struct Config {
     #[arg(long, env = "STREAM_PREFIX", default_value = "school")]
     pub stream_prefix: StreamNames,
     /// Most events applied in one transaction.
-    #[arg(long, env = "BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..=5000))]
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=5000))]
     pub batch_size: u16,
     #[command(flatten)]
     pub nats: NatsArgs,

@@ -13,8 +13,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::consumer::pull::Stream as MessageStream;
+use async_nats::jetstream::consumer::{AckPolicy, PullConsumer};
 use async_nats::jetstream::{self, AckKind, Message};
 use events::{AggregateKind, Event, EventPayload, Projection, StreamNames};
 use futures::{FutureExt, StreamExt};
@@ -32,6 +32,9 @@ const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// A batch the read model refuses this many times is applied event by event, and an event
 /// refused this many times on its own is dead-lettered.
 pub const MAX_REFUSALS: u32 = 3;
+/// How long a batch waits for a message the server said was pending before it is applied
+/// as it is. Bounds the delay a batch can add when delivery stalls.
+const BATCH_FILL_WAIT: Duration = Duration::from_millis(20);
 
 /// Everything one projection's loop needs.
 pub struct ProjectionRunner<S> {
@@ -213,7 +216,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                 result = self.subscribe() => result,
             };
             let end = match subscription {
-                Ok(messages) => self.consume(messages, &metrics, &mut shutdown).await,
+                Ok((messages, acks)) => self.consume(messages, acks, &metrics, &mut shutdown).await,
                 Err(error) => SubscriptionEnd::Failed(error),
             };
             match end {
@@ -236,7 +239,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
     }
 
     /// Resets the durable consumer to just after the checkpoint and opens a message stream.
-    async fn subscribe(&self) -> anyhow::Result<MessageStream> {
+    async fn subscribe(&self) -> anyhow::Result<(MessageStream, Acks)> {
         let projection = self.projection();
         let consumer_name = self.names.projection_consumer(projection);
         let checkpoint = self.store.checkpoint().await?;
@@ -257,48 +260,96 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             .get_consumer(&consumer_name)
             .await
             .map_err(|e| anyhow::anyhow!("opening consumer {consumer_name}: {e}"))?;
+        let acks = match consumer.cached_info().config.ack_policy {
+            AckPolicy::All => Acks::LastOfBatch,
+            _ => Acks::EachMessage,
+        };
+        // Two batches in flight: the next one arrives while this one is applied.
         let messages = consumer
             .stream()
-            .max_messages_per_batch(self.batch_size)
+            .max_messages_per_batch(2 * self.batch_size)
             .heartbeat(Duration::from_secs(5))
             .expires(Duration::from_secs(30))
             .messages()
             .await?;
         tracing::info!(projection = projection.as_str(), checkpoint, "subscribed");
-        Ok(messages)
+        Ok((messages, acks))
     }
 
     async fn consume<F: std::future::Future<Output = ()>>(
         &self,
         mut messages: MessageStream,
+        acks: Acks,
         metrics: &RunnerMetrics,
         shutdown: &mut Shutdown<'_, F>,
     ) -> SubscriptionEnd {
         let dead_letters = DeadLetters::new(self.jetstream.clone(), &self.names, self.projection());
+        // Messages that arrived (and were decoded) while the previous batch was applied: the
+        // next batch's start.
+        let mut arrived: Vec<Delivered> = Vec::with_capacity(self.batch_size);
         loop {
-            // Wait for the first message of a batch, or for shutdown between batches.
-            let first = tokio::select! {
-                () = shutdown.as_mut() => return SubscriptionEnd::ShutdownRequested,
-                next = messages.next() => next,
-            };
-            let mut batch = match first {
-                Some(Ok(message)) => vec![message],
-                Some(Err(error)) => return SubscriptionEnd::Failed(error.into()),
-                None => return SubscriptionEnd::Failed(anyhow::anyhow!("message stream ended")),
-            };
-            // Then take whatever is already buffered, without waiting, up to the batch size.
-            while batch.len() < self.batch_size {
-                match messages.next().now_or_never() {
-                    Some(Some(Ok(message))) => batch.push(message),
-                    Some(Some(Err(error))) => return SubscriptionEnd::Failed(error.into()),
-                    _ => break,
+            let mut batch = std::mem::replace(&mut arrived, Vec::with_capacity(self.batch_size));
+            if batch.is_empty() {
+                // Wait for the first message of a batch, or for shutdown between batches.
+                let first = tokio::select! {
+                    () = shutdown.as_mut() => return SubscriptionEnd::ShutdownRequested,
+                    next = messages.next() => next,
+                };
+                match first {
+                    Some(Ok(message)) => batch.push(Delivered::decode(message)),
+                    Some(Err(error)) => return SubscriptionEnd::Failed(error.into()),
+                    None => {
+                        return SubscriptionEnd::Failed(anyhow::anyhow!("message stream ended"));
+                    }
                 }
             }
-            if let Err(end) = self
-                .process_batch(&dead_letters, batch, metrics, shutdown)
-                .await
-            {
+            // Then fill the batch: what is already buffered, and, while the server says more
+            // of this consumer's messages are waiting, those too (they are on their way).
+            // Without that wait a backlog is applied in slivers of what happened to have
+            // arrived, a transaction each. Caught up (nothing pending), nothing waits.
+            while batch.len() < self.batch_size {
+                let next = match messages.next().now_or_never() {
+                    Some(next) => next,
+                    None if more_pending(&batch) => {
+                        match tokio::time::timeout(BATCH_FILL_WAIT, messages.next()).await {
+                            Ok(next) => next,
+                            Err(_) => break,
+                        }
+                    }
+                    None => break,
+                };
+                match next {
+                    Some(Ok(message)) => batch.push(Delivered::decode(message)),
+                    Some(Err(error)) => return SubscriptionEnd::Failed(error.into()),
+                    None => break,
+                }
+            }
+            // Apply the batch while the next one arrives. Messages still only count once
+            // their batch commits; any left here at a failure or shutdown are redelivered
+            // from the checkpoint on the next subscription.
+            let applying = self.process_batch(&dead_letters, batch, acks, metrics, shutdown);
+            tokio::pin!(applying);
+            let mut stream_failed = None;
+            let applied = loop {
+                tokio::select! {
+                    biased;
+                    applied = &mut applying => break applied,
+                    next = messages.next(),
+                        if arrived.len() < self.batch_size && stream_failed.is_none() =>
+                    {
+                        match next {
+                            Some(Ok(message)) => arrived.push(Delivered::decode(message)),
+                            Some(Err(error)) => stream_failed = Some(error.into()),
+                            None => stream_failed = Some(anyhow::anyhow!("message stream ended")),
+                        }
+                    }
+                }
+            };
+            if let Err(end) = applied {
                 return end;
+            }
+            if let Some(error) = stream_failed {
+                return SubscriptionEnd::Failed(error);
             }
         }
     }
@@ -307,25 +358,35 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
     async fn process_batch<F: std::future::Future<Output = ()>>(
         &self,
         dead_letters: &DeadLetters,
-        batch: Vec<Message>,
+        mut batch: Vec<Delivered>,
+        acks: Acks,
         metrics: &RunnerMetrics,
         shutdown: &mut Shutdown<'_, F>,
     ) -> Result<(), SubscriptionEnd> {
         let mut pending = 0;
         let mut delivered = Vec::with_capacity(batch.len());
-        for message in &batch {
-            let info = message.info().map_err(|e| {
+        for (index, d) in batch.iter().enumerate() {
+            let info = d.message.info().map_err(|e| {
                 SubscriptionEnd::Failed(anyhow::anyhow!("message without JetStream metadata: {e}"))
             })?;
             pending = info.pending;
-            delivered.push((info.stream_sequence, message));
+            delivered.push((info.stream_sequence, index));
         }
         let delivered = unique_in_stream_order(delivered);
         let last_sequence = delivered.last().map_or(0, |(sequence, _)| *sequence);
-        let by_sequence: HashMap<u64, &Message> = delivered.iter().copied().collect();
+        let outcomes: Vec<(u64, usize, Option<Decoded>)> = delivered
+            .iter()
+            .map(|&(sequence, index)| (sequence, index, batch[index].event.take()))
+            .collect();
+        let batch = batch;
+        let by_sequence: HashMap<u64, &Message> = delivered
+            .iter()
+            .map(|&(sequence, index)| (sequence, &batch[index].message))
+            .collect();
         let mut decoded: Vec<(u64, Event)> = Vec::with_capacity(delivered.len());
-        for (sequence, message) in delivered {
-            match events::decode(&message.payload) {
+        for (sequence, index, outcome) in outcomes {
+            let message = &batch[index].message;
+            match outcome.unwrap_or_else(|| events::decode(&message.payload)) {
                 Ok(event) => decoded.push((sequence, event)),
                 Err(error) => {
                     dead_letters
@@ -375,9 +436,14 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         self.progress
             .record(self.projection(), last_sequence, pending);
         // Ack only after commit. A lost ack only means a redelivery that the checkpoint skips.
-        for message in &batch {
+        let to_ack = match acks {
+            // The last delivered message of the batch acks every earlier delivery.
+            Acks::LastOfBatch => &batch[batch.len().saturating_sub(1)..],
+            Acks::EachMessage => &batch[..],
+        };
+        for Delivered { message, .. } in to_ack {
             if let Err(error) = message.ack().await {
-                tracing::warn!(%error, "ack failed; the event will be redelivered and skipped");
+                tracing::warn!(%error, "ack failed; the events will be redelivered and skipped");
             }
         }
         if let Some(cache) = &self.cache {
@@ -394,7 +460,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         &self,
         decoded: &[(u64, Event)],
         through: u64,
-        batch: &[Message],
+        batch: &[Delivered],
         shutdown: &mut Shutdown<'_, F>,
     ) -> Result<Option<usize>, Isolate> {
         let mut refusals = 0;
@@ -422,7 +488,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                 }
             }
             // Keep the broker from redelivering while we retry.
-            for message in batch {
+            for Delivered { message, .. } in batch {
                 let _ = message.ack_with(AckKind::Progress).await;
             }
             tokio::select! {
@@ -442,7 +508,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         through: u64,
         by_sequence: &HashMap<u64, &Message>,
         metrics: &RunnerMetrics,
-        batch: &[Message],
+        batch: &[Delivered],
         shutdown: &mut Shutdown<'_, F>,
     ) -> Result<Option<usize>, SubscriptionEnd> {
         let mut applied = 0;
@@ -499,6 +565,41 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             ))),
         }
     }
+}
+
+/// Whether the server had more of the consumer's messages waiting when it delivered the
+/// batch's last one.
+fn more_pending(batch: &[Delivered]) -> bool {
+    batch
+        .last()
+        .and_then(|d| d.message.info().ok())
+        .is_some_and(|info| info.pending > 0)
+}
+
+type Decoded = Result<Event, events::DecodeError>;
+
+/// A delivered message with its event, decoded as it arrived: while the batch before it
+/// was being applied, when it arrived then.
+struct Delivered {
+    message: Message,
+    /// Taken when the batch is applied.
+    event: Option<Decoded>,
+}
+
+impl Delivered {
+    fn decode(message: Message) -> Self {
+        let event = Some(events::decode(&message.payload));
+        Delivered { message, event }
+    }
+}
+
+/// How a batch is acked, from the consumer's ack policy.
+#[derive(Clone, Copy)]
+enum Acks {
+    /// `AckPolicy::All` (what `stream-admin` creates): one ack per batch.
+    LastOfBatch,
+    /// `AckPolicy::Explicit` (consumers created before): every message.
+    EachMessage,
 }
 
 /// A batch refused too often (with the last reason): apply it event by event.

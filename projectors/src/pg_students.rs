@@ -1,11 +1,11 @@
 //! The students projection into Postgres: students and their course ids, plus the
 //! checkpoint that makes re-delivery harmless.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use events::{Event, Projection};
+use events::{Event, EventPayload, Projection};
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
@@ -32,6 +32,7 @@ struct Statements {
     load_students: String,
     load_enrollments: String,
     delete: String,
+    insert: String,
     upsert: String,
     enroll: String,
     unenroll: String,
@@ -54,6 +55,12 @@ impl Statements {
             ),
             // Enrollment rows go with their student (ON DELETE CASCADE).
             delete: format!("DELETE FROM {students} WHERE id = ANY($1)"),
+            insert: format!(
+                "INSERT INTO {students} (id, name, first_name, last_name, version, created_at, updated_at)
+                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[],
+                                      $5::bigint[], $6::timestamptz[], $7::timestamptz[])
+                 ON CONFLICT (id) DO NOTHING"
+            ),
             upsert: format!(
                 "INSERT INTO {students} (id, name, first_name, last_name, version, created_at, updated_at)
                  SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[],
@@ -123,6 +130,28 @@ impl PgStudents {
         batch: &[(u64, Event)],
         through_sequence: u64,
     ) -> Result<BatchOutcome, sqlx::Error> {
+        match self
+            .apply_in_transaction(batch, through_sequence, Loads::AllButRegistered)
+            .await?
+        {
+            Some(outcome) => Ok(outcome),
+            // A student registered in the batch was already stored: the stream broke the
+            // rule that a registration is its subject's first event. Fold it as stored.
+            None => Ok(self
+                .apply_in_transaction(batch, through_sequence, Loads::All)
+                .await?
+                .unwrap_or_default()),
+        }
+    }
+
+    /// One batch transaction. `None`: rolled back, because a student assumed new (registered
+    /// in the batch, so not loaded) turned out to be stored.
+    async fn apply_in_transaction(
+        &self,
+        batch: &[(u64, Event)],
+        through_sequence: u64,
+        loads: Loads,
+    ) -> Result<Option<BatchOutcome>, sqlx::Error> {
         let mut tx = begin_batch(&self.pool).await?;
         let mut outcome = BatchOutcome {
             checkpoint: lock_checkpoint(&mut tx, &self.sql.checkpoint_key).await?,
@@ -134,21 +163,39 @@ impl PgStudents {
             .collect();
         outcome.skipped = batch.len() - fresh.len();
         outcome.applied = fresh.len();
-        let ids: Vec<Uuid> = fresh.iter().map(|(_, e)| e.metadata.aggregate_id).collect();
-        let mut touched = self.load(&mut tx, &ids).await?;
-        for (sequence, event) in fresh {
-            if let Some(student) = touched.get_mut(&event.metadata.aggregate_id) {
-                student.apply(*sequence, event);
-            }
+        // A student whose first event here is its registration cannot be stored yet (the
+        // gateway appends a registration only to an empty subject): it is not read, and its
+        // insert would reveal a stream that broke that rule. One that ends deleted within
+        // the batch writes nothing, so it is read like any other.
+        let mut touched: HashMap<Uuid, Touched> = match loads {
+            Loads::AllButRegistered => registered_first(&fresh)
+                .into_iter()
+                .map(|id| (id, Touched::new(None)))
+                .collect(),
+            Loads::All => HashMap::new(),
+        };
+        fold(&mut touched, &fresh);
+        touched.retain(|_, student| student.current.is_some());
+        let assumed_new: HashSet<Uuid> = touched.keys().copied().collect();
+        let to_load: Vec<Uuid> = fresh
+            .iter()
+            .map(|(_, e)| e.metadata.aggregate_id)
+            .filter(|id| !assumed_new.contains(id))
+            .collect();
+        let mut loaded = self.load(&mut tx, &to_load).await?;
+        fold(&mut loaded, &fresh);
+        touched.extend(loaded);
+        let writes = student_fold::writes(touched.values());
+        if !self.write(&mut tx, writes, &assumed_new).await? {
+            tx.rollback().await?;
+            return Ok(None);
         }
-        self.write(&mut tx, student_fold::writes(touched.values()))
-            .await?;
         if through_sequence > outcome.checkpoint {
             outcome.checkpoint = through_sequence;
             write_checkpoint(&mut tx, &self.sql.checkpoint_key, through_sequence).await?;
         }
         tx.commit().await?;
-        Ok(outcome)
+        Ok(Some(outcome))
     }
 
     /// Replaces one student's rows by the fold of `history` (every event of its subject, in
@@ -173,7 +220,7 @@ impl PgStudents {
             student.apply(*sequence, event);
             applied += 1;
         }
-        self.write(&mut tx, student_fold::writes([&student]))
+        self.write(&mut tx, student_fold::writes([&student]), &HashSet::new())
             .await?;
         tx.commit().await?;
         Ok(applied)
@@ -185,6 +232,9 @@ impl PgStudents {
         tx: &mut Transaction<'_, Postgres>,
         ids: &[Uuid],
     ) -> Result<HashMap<Uuid, Touched>, sqlx::Error> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
         let mut ids = ids.to_vec();
         ids.sort_unstable();
         ids.dedup();
@@ -237,13 +287,15 @@ impl PgStudents {
             .collect())
     }
 
-    /// Deletes, upserts students, then removes and adds enrollments: at most four
-    /// statements, whatever the batch size.
+    /// Deletes, inserts and upserts students, then removes and adds enrollments: at most
+    /// five statements, whatever the batch size. `assumed_new` students are inserted only;
+    /// `false` (and nothing to commit) when one of them turns out to exist.
     async fn write(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         writes: Writes,
-    ) -> Result<(), sqlx::Error> {
+        assumed_new: &HashSet<Uuid>,
+    ) -> Result<bool, sqlx::Error> {
         let sql = &self.sql;
         if !writes.deletes.is_empty() {
             sqlx::query(AssertSqlSafe(sql.delete.as_str()))
@@ -251,28 +303,21 @@ impl PgStudents {
                 .execute(&mut **tx)
                 .await?;
         }
-        if !writes.upserts.is_empty() {
-            let rows = &writes.upserts;
-            sqlx::query(AssertSqlSafe(sql.upsert.as_str()))
-                .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
-                .bind(rows.iter().map(|r| r.name.as_str()).collect::<Vec<_>>())
-                .bind(
-                    rows.iter()
-                        .map(|r| r.first_name.as_str())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    rows.iter()
-                        .map(|r| r.last_name.as_str())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    rows.iter()
-                        .map(|r| sequence_to_db(r.version))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
-                .bind(rows.iter().map(|r| r.updated_at).collect::<Vec<_>>())
+        let (inserts, upserts): (Vec<&StudentRow>, Vec<&StudentRow>) = writes
+            .upserts
+            .iter()
+            .partition(|row| assumed_new.contains(&row.id));
+        if !inserts.is_empty() {
+            let inserted = bind_rows(sqlx::query(AssertSqlSafe(sql.insert.as_str())), &inserts)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected();
+            if inserted != inserts.len() as u64 {
+                return Ok(false);
+            }
+        }
+        if !upserts.is_empty() {
+            bind_rows(sqlx::query(AssertSqlSafe(sql.upsert.as_str())), &upserts)
                 .execute(&mut **tx)
                 .await?;
         }
@@ -291,8 +336,65 @@ impl PgStudents {
                 .execute(&mut **tx)
                 .await?;
         }
-        Ok(())
+        Ok(true)
     }
+}
+
+/// Which students a batch reads before folding.
+#[derive(Clone, Copy)]
+enum Loads {
+    /// All but those whose first event in the batch is their registration.
+    AllButRegistered,
+    All,
+}
+
+/// Applies `fresh` to the students of `touched` (others' events are skipped).
+fn fold(touched: &mut HashMap<Uuid, Touched>, fresh: &[&(u64, Event)]) {
+    for (sequence, event) in fresh {
+        if let Some(student) = touched.get_mut(&event.metadata.aggregate_id) {
+            student.apply(*sequence, event);
+        }
+    }
+}
+
+/// Students whose first event among `fresh` is their registration.
+fn registered_first(fresh: &[&(u64, Event)]) -> HashSet<Uuid> {
+    let mut seen = HashSet::new();
+    let mut registered = HashSet::new();
+    for (_, event) in fresh {
+        let id = event.metadata.aggregate_id;
+        if seen.insert(id) && matches!(event.payload, EventPayload::StudentRegistered(_)) {
+            registered.insert(id);
+        }
+    }
+    registered
+}
+
+/// Binds the seven columns of `rows` to the insert or upsert statement, as arrays.
+fn bind_rows<'q>(
+    query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    rows: &[&'q StudentRow],
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.name.as_str()).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.first_name.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.last_name.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| sequence_to_db(r.version))
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.updated_at).collect::<Vec<_>>())
 }
 
 impl ProjectionStore for PgStudents {
@@ -340,11 +442,9 @@ pub(crate) async fn read_checkpoint(pool: &PgPool, key: &str) -> Result<u64, sql
 pub(crate) async fn begin_batch(
     pool: &PgPool,
 ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan")
-        .execute(&mut *tx)
-        .await?;
-    Ok(tx)
+    // One round trip: both statements go as one simple query.
+    pool.begin_with("BEGIN; SET LOCAL plan_cache_mode = force_custom_plan")
+        .await
 }
 
 /// Reads the checkpoint inside a batch transaction, locking its row: writers of one

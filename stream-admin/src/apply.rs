@@ -403,16 +403,12 @@ async fn apply_consumer(
         });
     }
     // The server cannot change these in place: the consumer, and its delivery state, goes.
+    // Not destructive: every consumer here feeds a projection, and a projector resets its
+    // consumer to just after its own checkpoint whenever it (re)subscribes, so the delivery
+    // state is rebuilt from the read model. (Explicit -> All acks came this way.)
     let recreate = current.deliver_policy != desired.deliver_policy
         || current.ack_policy != desired.ack_policy;
-    let destructive = if recreate {
-        vec![
-            "the consumer's delivery state is lost (projectors resume from their checkpoints)"
-                .to_owned(),
-        ]
-    } else {
-        Vec::new()
-    };
+    let destructive = Vec::new();
     if !dry_run {
         if recreate {
             stream

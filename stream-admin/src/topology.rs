@@ -74,7 +74,9 @@ pub fn desired(names: &StreamNames, replicas: usize) -> Topology {
                     description: Some(format!("Feeds the {} projection", projection.as_str())),
                     filter_subject: names.aggregate_kind_subjects(projection.source_aggregate()),
                     deliver_policy: consumer::DeliverPolicy::All,
-                    ack_policy: consumer::AckPolicy::Explicit,
+                    // One ack per batch covers it: the checkpoint, not the ack, says what is
+                    // applied, so acking every message only costs the broker work.
+                    ack_policy: consumer::AckPolicy::All,
                     ack_wait: PROJECTION_ACK_WAIT,
                     // Unlimited: the projector itself dead-letters an event after N failures,
                     // so it can record why.

@@ -174,3 +174,47 @@ async fn destructive_changes_are_refused_unless_allowed() {
         let _ = jetstream.delete_stream(stream).await;
     }
 }
+
+/// Consumers made before projectors acked one message per batch used explicit acks; a plain
+/// `apply` (the chart's upgrade hook) recreates them, since projectors rebuild a consumer's
+/// delivery state from their checkpoints.
+#[tokio::test]
+async fn a_consumer_with_explicit_acks_is_recreated_without_allow_destructive() {
+    use async_nats::jetstream::consumer::AckPolicy;
+    let jetstream = jetstream().await;
+    let names = names();
+    let mut topology = desired(&names, 1);
+    for consumer in &mut topology.consumers {
+        consumer.config.ack_policy = AckPolicy::Explicit;
+    }
+    apply(&jetstream, &topology, ApplyOptions::default())
+        .await
+        .expect("apply the old definition");
+
+    let changes = apply(&jetstream, &desired(&names, 1), ApplyOptions::default())
+        .await
+        .expect("the new definition needs no --allow-destructive");
+    let recreated: Vec<_> = changes
+        .iter()
+        .filter(|c| matches!(c.outcome, Outcome::Recreated(_)))
+        .collect();
+    assert_eq!(recreated.len(), topology.consumers.len(), "{changes:?}");
+    assert!(recreated.iter().all(|c| c.destructive.is_empty()));
+    let stream = jetstream
+        .get_stream_no_info(names.event_stream())
+        .await
+        .expect("stream");
+    for spec in &topology.consumers {
+        let name = spec.config.durable_name.clone().expect("durable");
+        let info = stream.consumer_info(&name).await.expect("consumer");
+        assert_eq!(info.config.ack_policy, AckPolicy::All, "{name}");
+    }
+
+    for stream in [
+        names.event_stream(),
+        names.dead_letter_stream(),
+        format!("KV_{}", names.idempotency_bucket()),
+    ] {
+        let _ = jetstream.delete_stream(stream).await;
+    }
+}
