@@ -53,7 +53,9 @@ pub struct Cache {
 
 struct Redis {
     client: redis::Client,
-    connection: tokio::sync::Mutex<Option<ConnectionManager>>,
+    /// Made on first use and kept: the manager reconnects by itself. A cell, not a lock:
+    /// every cached read takes it, and a contended async lock parks and wakes tasks.
+    connection: tokio::sync::OnceCell<ConnectionManager>,
     down_until: Mutex<Option<Instant>>,
     script: redis::Script,
 }
@@ -73,7 +75,7 @@ impl Cache {
         let redis = match redis_url {
             Some(url) => Some(Redis {
                 client: redis::Client::open(url)?,
-                connection: tokio::sync::Mutex::new(None),
+                connection: tokio::sync::OnceCell::new(),
                 down_until: Mutex::new(None),
                 script: redis::Script::new(SET_IF_NOT_OLDER),
             }),
@@ -166,17 +168,16 @@ impl Redis {
     }
 
     async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
-        let mut slot = self.connection.lock().await;
-        if let Some(connection) = slot.as_ref() {
-            return Ok(connection.clone());
-        }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(TIMEOUT))
-            .set_response_timeout(Some(TIMEOUT))
-            .set_number_of_retries(1);
-        let connection = ConnectionManager::new_with_config(self.client.clone(), config).await?;
-        *slot = Some(connection.clone());
-        Ok(connection)
+        self.connection
+            .get_or_try_init(|| {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(TIMEOUT))
+                    .set_response_timeout(Some(TIMEOUT))
+                    .set_number_of_retries(1);
+                ConnectionManager::new_with_config(self.client.clone(), config)
+            })
+            .await
+            .cloned()
     }
 
     async fn lookup<T: DeserializeOwned>(&self, key: &str) -> Lookup<T> {
