@@ -14,12 +14,15 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::caching::{CacheConfig, CacheMode};
+use redis::{CommandCacheConfig, IntoConnectionInfo, ProtocolVersion};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use service_kit::metrics;
@@ -30,6 +33,9 @@ pub const TTL_SECONDS: u64 = 300;
 const TIMEOUT: Duration = Duration::from_millis(100);
 /// After a failure, Redis is left alone this long.
 const BACKOFF: Duration = Duration::from_secs(1);
+
+/// Entries each query-api process keeps in memory (server-assisted client-side caching).
+const LOCAL_ENTRIES: NonZeroUsize = NonZeroUsize::new(10_000).expect("not zero");
 
 /// Stores `ARGV[1]:ARGV[2]` unless the key holds an entry from a later position.
 const SET_IF_NOT_OLDER: &str = r"
@@ -74,7 +80,7 @@ impl Cache {
     pub fn new(redis_url: Option<&str>) -> anyhow::Result<Self> {
         let redis = match redis_url {
             Some(url) => Some(Redis {
-                client: redis::Client::open(url)?,
+                client: resp3_client(url)?,
                 connection: tokio::sync::OnceCell::new(),
                 down_until: Mutex::new(None),
                 script: redis::Script::new(SET_IF_NOT_OLDER),
@@ -156,6 +162,17 @@ impl Cache {
     }
 }
 
+/// A client speaking RESP3, which server-assisted client-side caching needs: Redis tells the
+/// connection when a key it read changes, so the copy kept in memory is dropped.
+fn resp3_client(url: &str) -> redis::RedisResult<redis::Client> {
+    let info = url.into_connection_info()?;
+    let settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3);
+    redis::Client::open(info.set_redis_settings(settings))
+}
+
 impl Redis {
     fn is_down(&self) -> bool {
         let down_until = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
@@ -173,7 +190,13 @@ impl Redis {
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(TIMEOUT))
                     .set_response_timeout(Some(TIMEOUT))
-                    .set_number_of_retries(1);
+                    .set_number_of_retries(1)
+                    .set_cache_config(
+                        CacheConfig::new()
+                            .set_mode(CacheMode::OptIn)
+                            .set_size(LOCAL_ENTRIES)
+                            .set_default_client_ttl(Duration::from_secs(TTL_SECONDS)),
+                    );
                 ConnectionManager::new_with_config(self.client.clone(), config)
             })
             .await
@@ -188,6 +211,7 @@ impl Redis {
             let mut connection = self.connection().await?;
             redis::cmd("GET")
                 .arg(key)
+                .set_cache_config(CommandCacheConfig::new())
                 .query_async::<Option<String>>(&mut connection)
                 .await
         })

@@ -203,6 +203,43 @@ async fn a_cached_entry_older_than_the_token_is_not_served_even_if_invalidation_
     system.cleanup().await;
 }
 
+/// query-api keeps what it reads from Redis in memory too (server-assisted client-side
+/// caching). A token-less read must not be served that copy once the projector has
+/// invalidated the entry in Redis: Redis tells the connection, and the copy goes.
+#[tokio::test]
+async fn a_copy_held_in_memory_goes_when_the_projector_invalidates_the_entry() {
+    let system = TestSystem::start(Options::default()).await;
+    let ada = system.register_student("Ada L").await;
+    let path = format!("/api/students/{}", ada.id);
+    let key = system.broker.names.cache_key(
+        events::AggregateKind::Student,
+        ada.id.parse().expect("uuid"),
+    );
+    let port = system.redis.as_ref().expect("redis").port;
+    assert_eq!(system_get_name(&system, &path, &ada.token).await, "Ada L");
+    // Served from memory now: read again without a token, Redis is not asked.
+    let gets_before = redis_gets(port).await;
+    for _ in 0..5 {
+        assert_eq!(system.get(&path).await.body["data"]["name"], "Ada L");
+    }
+    let asked = redis_gets(port).await - gets_before;
+    assert!(asked < 5, "5 reads asked Redis {asked} times");
+    let renamed = system.rename_student(&ada.id, "Ada K", &[]).await;
+    let position: u64 = renamed.token.parse().expect("token");
+    test_support::eventually(10, "the projector to invalidate the entry", || async {
+        let entry = cached_entry(port, &key).await?;
+        let (at, _) = entry.split_once(':')?;
+        (at.parse::<u64>().ok()? >= position).then_some(())
+    })
+    .await;
+    test_support::eventually(2, "a token-less read to see the rename", || async {
+        let read = system.get(&path).await;
+        (read.body["data"]["name"] == "Ada K").then_some(())
+    })
+    .await;
+    system.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_token_from_the_other_aggregate_kind_does_not_wait_for_the_timeout() {
     let system = TestSystem::start(Options {
@@ -425,6 +462,25 @@ async fn system_get_name(system: &TestSystem, path: &str, token: &str) -> String
         .as_str()
         .expect("name")
         .to_owned()
+}
+
+/// GET commands Redis has served so far (`INFO commandstats`).
+async fn redis_gets(port: u16) -> u64 {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("client");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut connection)
+        .await
+        .expect("info");
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_get:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The raw cache entry under `key` (`None` when there is none or Redis is down).
