@@ -36,6 +36,12 @@ const BACKOFF: Duration = Duration::from_secs(1);
 
 /// Entries each query-api process keeps in memory (server-assisted client-side caching).
 const LOCAL_ENTRIES: NonZeroUsize = NonZeroUsize::new(10_000).expect("not zero");
+/// How long a copy kept in memory is served. Redis's invalidation normally drops it at
+/// once, but redis-rs (`cache-aio`, experimental) can store a reply after the invalidation
+/// that followed it has been handled (seen under CPU load in tests): then this bounds how
+/// long a token-less read can be served the stale copy. Reads with a token are not
+/// affected (the position check).
+const LOCAL_TTL: Duration = Duration::from_millis(500);
 
 /// Stores `ARGV[1]:ARGV[2]` unless the key holds an entry from a later position.
 const SET_IF_NOT_OLDER: &str = r"
@@ -195,7 +201,7 @@ impl Redis {
                         CacheConfig::new()
                             .set_mode(CacheMode::OptIn)
                             .set_size(LOCAL_ENTRIES)
-                            .set_default_client_ttl(Duration::from_secs(TTL_SECONDS)),
+                            .set_default_client_ttl(LOCAL_TTL),
                     );
                 ConnectionManager::new_with_config(self.client.clone(), config)
             })
