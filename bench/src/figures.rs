@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_nats::HeaderMap;
-use events::{AggregateKind, Enrollment, Event, EventMetadata, EventPayload, StudentDetails};
+use events::{AggregateKind, Enrollment, Event, EventPayload, StudentDetails};
 use hyper::body::Bytes;
 use projectors::generation::{Generation, STUDENTS};
 use projectors::{PgStudents, ProjectionProgress, ProjectionRunner};
@@ -63,18 +63,7 @@ pub async fn measured(
 }
 
 pub fn student_event(id: Uuid, payload: EventPayload) -> Event {
-    Event {
-        metadata: EventMetadata {
-            event_id: Uuid::now_v7(),
-            aggregate_kind: AggregateKind::Student,
-            aggregate_id: id,
-            occurred_at: chrono::Utc::now(),
-            correlation_id: Uuid::now_v7(),
-            causation_id: Uuid::now_v7(),
-            trace: Default::default(),
-        },
-        payload,
-    }
+    test_support::event(AggregateKind::Student, id, payload)
 }
 
 fn details(i: usize) -> StudentDetails {

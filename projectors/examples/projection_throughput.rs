@@ -7,27 +7,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use events::{
-    AggregateKind, CourseDetails, Enrollment, Event, EventMetadata, EventPayload, StudentDetails,
-};
+use events::{AggregateKind, CourseDetails, Enrollment, Event, EventPayload, StudentDetails};
 use projectors::{CourseStore, PgStudents, ProjectionProgress, ProjectionRunner, ProjectionStore};
-use test_support::{TestBroker, TestDatabase};
+use test_support::{TestBroker, TestDatabase, event};
 use uuid::Uuid;
-
-fn event(kind: AggregateKind, id: Uuid, payload: EventPayload) -> Event {
-    Event {
-        metadata: EventMetadata {
-            event_id: Uuid::now_v7(),
-            aggregate_kind: kind,
-            aggregate_id: id,
-            occurred_at: chrono::Utc::now(),
-            correlation_id: Uuid::now_v7(),
-            causation_id: Uuid::now_v7(),
-            trace: Default::default(),
-        },
-        payload,
-    }
-}
 
 /// Publishes with up to 2 000 acks outstanding; returns the last stream sequence.
 async fn publish_all(broker: &TestBroker, events: Vec<Event>) -> u64 {
