@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use service_kit::auth::{API_KEY_HEADER, ScopeGuard, require_scope};
 use service_kit::json::JsonBody;
+use service_kit::observe::ObserveLayer;
 use service_kit::trace::{self, SpanContext};
 use service_kit::{ApiKeys, FieldError, Problem, Scope, health, metrics, problem};
 use sha2::{Digest, Sha256};
@@ -77,11 +78,7 @@ pub fn router(state: AppState, keys: ApiKeys, body_limit_bytes: usize) -> Router
         // Before the layers, so unknown routes and wrong methods are counted and traced too.
         .fallback(problem::route_not_found)
         .method_not_allowed_fallback(problem::method_not_allowed)
-        .layer(middleware::from_fn_with_state(
-            metrics::HttpMetrics::new(),
-            metrics::track_http,
-        ))
-        .layer(middleware::from_fn(trace::trace_requests))
+        .layer(ObserveLayer)
         .layer(DefaultBodyLimit::max(body_limit_bytes))
         .with_state(state)
 }

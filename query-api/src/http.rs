@@ -9,7 +9,8 @@ use axum::routing::get;
 use axum::{Json, Router, middleware};
 use serde::{Deserialize, Serialize};
 use service_kit::auth::{ScopeGuard, require_scope};
-use service_kit::{ApiKeys, FieldError, Problem, Scope, health, metrics, problem, trace};
+use service_kit::observe::ObserveLayer;
+use service_kit::{ApiKeys, FieldError, Problem, Scope, health, metrics, problem};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 use uuid::Uuid;
@@ -46,11 +47,7 @@ pub fn router(queries: Queries, keys: ApiKeys) -> Router {
         // Before the layers, so unknown routes and wrong methods are counted and traced too.
         .fallback(problem::route_not_found)
         .method_not_allowed_fallback(problem::method_not_allowed)
-        .layer(middleware::from_fn_with_state(
-            metrics::HttpMetrics::new(),
-            metrics::track_http,
-        ))
-        .layer(middleware::from_fn(trace::trace_requests))
+        .layer(ObserveLayer)
         .with_state(queries)
 }
 

@@ -4,10 +4,12 @@
 
 pub mod auth;
 pub mod health;
+pub mod http_metrics;
 pub mod json;
 pub mod logging;
 pub mod metrics;
 pub mod nats;
+pub mod observe;
 pub mod openapi;
 pub mod problem;
 pub mod shutdown;

@@ -1,22 +1,18 @@
 //! Metrics: OpenTelemetry instruments exported in the Prometheus text format on `/metrics`,
-//! and the HTTP middleware that records rate, errors and latency per route.
+//! together with the HTTP request metrics of [`crate::http_metrics`].
 //!
 //! One registry per process (tests run several servers in one process and share it).
 
 use std::net::SocketAddr;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Instant;
 
 use anyhow::Context;
 use axum::Router;
-use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider};
+use opentelemetry::metrics::{Histogram, Meter, MeterProvider};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, TextEncoder};
 
@@ -85,7 +81,9 @@ pub fn render() -> String {
     if let Err(error) = TextEncoder::new().encode(&telemetry.registry.gather(), &mut out) {
         tracing::error!(%error, "encoding metrics failed");
     }
-    String::from_utf8(out).unwrap_or_default()
+    let mut text = String::from_utf8(out).unwrap_or_default();
+    crate::http_metrics::render(&mut text);
+    text
 }
 
 /// Set once `/metrics` is served on a port of its own: the main port then hides it.
@@ -129,57 +127,10 @@ async fn exposition() -> Response {
     response
 }
 
-/// Instruments of the HTTP middleware.
-#[derive(Clone)]
-pub struct HttpMetrics {
-    requests: Counter<u64>,
-    duration: Histogram<f64>,
-}
-
-impl HttpMetrics {
-    pub fn new() -> Arc<Self> {
-        Arc::new(HttpMetrics {
-            requests: meter()
-                .u64_counter("http.server.requests")
-                .with_description("HTTP requests answered, by route and status")
-                .build(),
-            duration: seconds_histogram(
-                "http.server.request.duration",
-                "Time to answer an HTTP request, by route and status",
-            ),
-        })
-    }
-}
-
-/// Middleware (`axum::middleware::from_fn_with_state`) recording every request by method,
-/// route template (never the raw path: ids would make the label unbounded) and status.
-pub async fn track_http(
-    State(metrics): State<Arc<HttpMetrics>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let started = Instant::now();
-    let method = request.method().as_str().to_owned();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
-    let response = next.run(request).await;
-    let labels = [
-        KeyValue::new("method", method),
-        KeyValue::new("route", route),
-        KeyValue::new("status", response.status().as_u16().to_string()),
-    ];
-    metrics.requests.add(1, &labels);
-    metrics
-        .duration
-        .record(started.elapsed().as_secs_f64(), &labels);
-    response
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use opentelemetry::KeyValue;
 
     #[test]
     fn instruments_show_up_with_prometheus_names() {

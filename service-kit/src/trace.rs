@@ -7,12 +7,6 @@
 
 use std::fmt;
 
-use axum::extract::Request;
-use axum::http::HeaderValue;
-use axum::middleware::Next;
-use axum::response::Response;
-use tracing::Instrument;
-
 pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
 
@@ -126,21 +120,6 @@ pub fn server_span(traceparent: Option<&str>, method: &str) -> (SpanContext, tra
         method,
     );
     (context, span)
-}
-
-/// Middleware: every HTTP request runs in a [`server_span`]. Behind this middleware the
-/// request's `traceparent` header names the service's own span — the parent of anything a
-/// handler passes the trace on to (the command gateway writes it into the events).
-pub async fn trace_requests(mut request: Request, next: Next) -> Response {
-    let traceparent = request
-        .headers()
-        .get(TRACEPARENT)
-        .and_then(|v| v.to_str().ok());
-    let (context, span) = server_span(traceparent, request.method().as_str());
-    if let Ok(own) = HeaderValue::from_str(&context.traceparent()) {
-        request.headers_mut().insert(TRACEPARENT, own);
-    }
-    next.run(request).instrument(span).await
 }
 
 #[cfg(test)]
