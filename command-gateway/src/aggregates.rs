@@ -4,7 +4,7 @@
 //! decision made on stale state fails with a conflict, and the retry catches the entry up
 //! from the stream (reading only the events after its version).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 
 use events::AggregateKind;
@@ -30,14 +30,50 @@ struct Entry {
 /// Aggregate states and versions, as the command side reads them.
 pub struct Aggregates {
     store: EventStore,
-    cache: Mutex<HashMap<AggregateId, Entry>>,
+    cache: Mutex<Bounded<Entry>>,
+}
+
+/// A map that, when full, forgets the entry inserted first: a forgotten aggregate costs one
+/// catch-up read. (Evicting "any" key by taking the map's first one made every insert scan
+/// the ever emptier front of the table once the cache was full: 3 % of the gateway's CPU.)
+struct Bounded<V> {
+    capacity: usize,
+    entries: HashMap<AggregateId, V>,
+    /// Keys in insertion order, each once.
+    order: VecDeque<AggregateId>,
+}
+
+impl<V> Bounded<V> {
+    fn new(capacity: usize) -> Self {
+        Bounded {
+            capacity,
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn get(&self, id: &AggregateId) -> Option<&V> {
+        self.entries.get(id)
+    }
+
+    fn insert(&mut self, id: AggregateId, value: V) {
+        if !self.entries.contains_key(&id) {
+            if self.entries.len() >= self.capacity
+                && let Some(oldest) = self.order.pop_front()
+            {
+                self.entries.remove(&oldest);
+            }
+            self.order.push_back(id);
+        }
+        self.entries.insert(id, value);
+    }
 }
 
 impl Aggregates {
     pub fn new(store: EventStore) -> Self {
         Aggregates {
             store,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Bounded::new(CACHE_CAPACITY)),
         }
     }
 
@@ -106,12 +142,6 @@ impl Aggregates {
         {
             return;
         }
-        if cache.len() >= CACHE_CAPACITY && !cache.contains_key(&id) {
-            // Crude but bounded: evict an arbitrary entry; a miss costs one catch-up read.
-            if let Some(victim) = cache.keys().next().copied() {
-                cache.remove(&victim);
-            }
-        }
         cache.insert(id, entry);
     }
 
@@ -131,5 +161,35 @@ impl Aggregates {
             entry.version = sequence;
         }
         Ok(entry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn id(n: u128) -> AggregateId {
+        AggregateId::student(Uuid::from_u128(n))
+    }
+
+    #[test]
+    fn a_full_map_forgets_the_entry_inserted_first_and_updates_keep_their_place() {
+        let mut map = Bounded::new(3);
+        for n in 1..=3 {
+            map.insert(id(n), n);
+        }
+        map.insert(id(1), 10); // an update: nothing is evicted, 1 stays the oldest
+        assert_eq!(map.get(&id(1)), Some(&10));
+        map.insert(id(4), 4);
+        assert_eq!(map.get(&id(1)), None);
+        assert_eq!(map.get(&id(2)), Some(&2));
+        map.insert(id(5), 5);
+        assert_eq!(map.get(&id(2)), None);
+        for n in [3, 4, 5] {
+            assert_eq!(map.get(&id(n)), Some(&n));
+        }
+        assert_eq!(map.entries.len(), 3);
+        assert_eq!(map.order.len(), 3);
     }
 }

@@ -37,12 +37,14 @@ pub const CORRELATION_ID_HEADER: &str = "x-correlation-id";
 /// Set on a response replayed for an `Idempotency-Key`.
 pub const IDEMPOTENT_REPLAY_HEADER: &str = "idempotent-replayed";
 
-/// Shared state of the handlers.
+/// Shared state of the handlers. Cloned for every request (axum's `State`), so each part
+/// is cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
     pub commands: Arc<CommandService>,
     pub idempotency: IdempotencyStore,
-    pub nats: async_nats::Client,
+    /// Only `/readyz` asks it; a client's own clone touches several shared counters.
+    pub nats: Arc<async_nats::Client>,
 }
 
 /// Builds the whole router: authenticated API routes plus open health routes.

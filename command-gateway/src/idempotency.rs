@@ -6,6 +6,7 @@
 //! replaced by the outcome. A claim older than [`ABANDONED_AFTER`] belongs to a request that
 //! died and may be taken over. Server errors are not remembered, so a retry runs again.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::kv::{self, CreateErrorKind};
@@ -23,10 +24,11 @@ pub const MAX_KEY_LENGTH: usize = 128;
 /// A pending claim older than this is considered abandoned by a crashed request.
 pub const ABANDONED_AFTER: Duration = Duration::from_secs(60);
 
-/// The bucket of outcomes.
+/// The bucket of outcomes. Cheap to clone (every command request clones the gateway's
+/// state): a `kv::Store` carries the bucket's whole stream info.
 #[derive(Clone)]
 pub struct IdempotencyStore {
-    bucket: kv::Store,
+    bucket: Arc<kv::Store>,
 }
 
 /// A claimed key: finish it with the outcome.
@@ -67,7 +69,9 @@ enum Record {
 
 impl IdempotencyStore {
     pub fn new(bucket: kv::Store) -> Self {
-        IdempotencyStore { bucket }
+        IdempotencyStore {
+            bucket: Arc::new(bucket),
+        }
     }
 
     /// Claims `key` for the request described by `fingerprint`, or finds its outcome.

@@ -42,7 +42,7 @@ pub async fn app_state(
             store,
         ))),
         idempotency: idempotency::IdempotencyStore::new(bucket),
-        nats,
+        nats: Arc::new(nats),
     })
 }
 
