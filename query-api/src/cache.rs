@@ -123,7 +123,6 @@ impl Cache {
         Ok(Cache {
             redis,
             flights: Mutex::new(HashMap::new()),
-
         })
     }
 
