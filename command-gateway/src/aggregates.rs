@@ -44,11 +44,13 @@ struct Bounded<V> {
 }
 
 impl<V> Bounded<V> {
+    /// Sized up front: growing a table of this size rehashes every entry while the lock is
+    /// held, a stall of milliseconds for every command (untouched pages cost no memory).
     fn new(capacity: usize) -> Self {
         Bounded {
             capacity,
-            entries: HashMap::new(),
-            order: VecDeque::new(),
+            entries: HashMap::with_capacity(capacity),
+            order: VecDeque::with_capacity(capacity),
         }
     }
 
