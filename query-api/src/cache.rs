@@ -55,8 +55,19 @@ redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2], 'EX', ARGV[3])
 return 1
 ";
 
-/// What `query_cache_requests_total` counts, by `result`.
-const LOOKUP_RESULTS: [&str; 4] = ["hit", "miss", "error", "bypass"];
+/// What `query_cache_requests_total` counts, by `result` (the label is `LABELS[result]`).
+#[derive(Clone, Copy)]
+enum LookupResult {
+    Hit,
+    Miss,
+    Error,
+    Bypass,
+}
+
+impl LookupResult {
+    const LABELS: [&str; 4] = ["hit", "miss", "error", "bypass"];
+}
+
 /// Lookups by result, process-wide, in plain atomics that metrics collection reads: a
 /// synchronous OpenTelemetry counter on every cached read hashed its label and took a lock
 /// both worker threads share (about 3 % of cached REST throughput).
@@ -70,7 +81,7 @@ fn report_lookups() {
             .u64_observable_counter("query.cache.requests")
             .with_description("Cache lookups by result: hit, miss, error (Redis down), bypass")
             .with_callback(|observer| {
-                for (result, count) in LOOKUP_RESULTS.iter().zip(&LOOKUPS) {
+                for (result, count) in LookupResult::LABELS.iter().zip(&LOOKUPS) {
                     let count = count.load(Ordering::Relaxed);
                     if count > 0 {
                         observer.observe(count, &[KeyValue::new("result", *result)]);
@@ -141,16 +152,16 @@ impl Cache {
         Fut: Future<Output = Result<(u64, Option<T>), E>>,
     {
         let Some(redis) = &self.redis else {
-            self.count("bypass");
+            self.count(LookupResult::Bypass);
             return load().await.map(|(_, value)| value);
         };
         match redis.lookup::<T>(key).await {
             Lookup::Hit(position, value) if position >= min_position => {
-                self.count("hit");
+                self.count(LookupResult::Hit);
                 return Ok(value);
             }
             Lookup::Unavailable => {
-                self.count("error");
+                self.count(LookupResult::Error);
                 return load().await.map(|(_, value)| value);
             }
             Lookup::Hit(..) | Lookup::Miss => {}
@@ -161,10 +172,10 @@ impl Cache {
         if let Lookup::Hit(position, value) = redis.lookup::<T>(key).await
             && position >= min_position
         {
-            self.count("hit");
+            self.count(LookupResult::Hit);
             return Ok(value);
         }
-        self.count("miss");
+        self.count(LookupResult::Miss);
         let (position, value) = load().await?;
         redis.store(key, position, &value).await;
         drop(_turn);
@@ -172,10 +183,8 @@ impl Cache {
         Ok(value)
     }
 
-    fn count(&self, result: &'static str) {
-        if let Some(i) = LOOKUP_RESULTS.iter().position(|r| *r == result) {
-            LOOKUPS[i].fetch_add(1, Ordering::Relaxed);
-        }
+    fn count(&self, result: LookupResult) {
+        LOOKUPS[result as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     fn flight(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {

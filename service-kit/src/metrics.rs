@@ -74,13 +74,13 @@ pub fn seconds_histogram(name: &'static str, description: &'static str) -> Histo
 
 /// The Prometheus text exposition of every metric of the process.
 pub fn render() -> String {
-    let Some(telemetry) = telemetry() else {
-        return String::new();
-    };
     let mut out = Vec::new();
-    if let Err(error) = TextEncoder::new().encode(&telemetry.registry.gather(), &mut out) {
+    if let Some(telemetry) = telemetry()
+        && let Err(error) = TextEncoder::new().encode(&telemetry.registry.gather(), &mut out)
+    {
         tracing::error!(%error, "encoding metrics failed");
     }
+    // The HTTP metrics do not depend on the exporter: shown even when it could not be built.
     let mut text = String::from_utf8(out).unwrap_or_default();
     crate::http_metrics::render(&mut text);
     text
