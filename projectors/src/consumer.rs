@@ -366,11 +366,11 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         let mut pending = 0;
         let mut delivered = Vec::with_capacity(batch.len());
         for (index, d) in batch.iter().enumerate() {
-            let info = d.message.info().map_err(|e| {
+            let position = d.position.as_ref().map_err(|e| {
                 SubscriptionEnd::Failed(anyhow::anyhow!("message without JetStream metadata: {e}"))
             })?;
-            pending = info.pending;
-            delivered.push((info.stream_sequence, index));
+            pending = position.pending;
+            delivered.push((position.stream_sequence, index));
         }
         let delivered = unique_in_stream_order(delivered);
         let last_sequence = delivered.last().map_or(0, |(sequence, _)| *sequence);
@@ -379,10 +379,6 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             .map(|&(sequence, index)| (sequence, index, batch[index].event.take()))
             .collect();
         let batch = batch;
-        let by_sequence: HashMap<u64, &Message> = delivered
-            .iter()
-            .map(|&(sequence, index)| (sequence, &batch[index].message))
-            .collect();
         let mut decoded: Vec<(u64, Event)> = Vec::with_capacity(delivered.len());
         for (sequence, index, outcome) in outcomes {
             let message = &batch[index].message;
@@ -413,6 +409,10 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                 applied
             }
             Err(Isolate(_)) => {
+                let by_sequence: HashMap<u64, &Message> = delivered
+                    .iter()
+                    .map(|&(sequence, index)| (sequence, &batch[index].message))
+                    .collect();
                 self.apply_one_by_one(
                     dead_letters,
                     &decoded,
@@ -572,8 +572,8 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
 fn more_pending(batch: &[Delivered]) -> bool {
     batch
         .last()
-        .and_then(|d| d.message.info().ok())
-        .is_some_and(|info| info.pending > 0)
+        .and_then(|d| d.position.as_ref().ok())
+        .is_some_and(|position| position.pending > 0)
 }
 
 type Decoded = Result<Event, events::DecodeError>;
@@ -582,14 +582,34 @@ type Decoded = Result<Event, events::DecodeError>;
 /// was being applied, when it arrived then.
 struct Delivered {
     message: Message,
+    /// From the JetStream reply subject; an error names what was wrong with it.
+    position: Result<Position, String>,
     /// Taken when the batch is applied.
     event: Option<Decoded>,
 }
 
+/// Where a delivered message stands in its stream and consumer.
+struct Position {
+    stream_sequence: u64,
+    /// Messages of the consumer still waiting after this one.
+    pending: u64,
+}
+
 impl Delivered {
     fn decode(message: Message) -> Self {
+        let position = message
+            .info()
+            .map(|info| Position {
+                stream_sequence: info.stream_sequence,
+                pending: info.pending,
+            })
+            .map_err(|e| e.to_string());
         let event = Some(events::decode(&message.payload));
-        Delivered { message, event }
+        Delivered {
+            message,
+            position,
+            event,
+        }
     }
 }
 

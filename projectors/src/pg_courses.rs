@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::course_document::{self, CourseDocument};
 use crate::generation::Generation;
 use crate::pg_students::{
-    begin_batch, lock_checkpoint, read_checkpoint, sequence_to_db, write_checkpoint,
+    advance_checkpoint, begin_batch, lock_checkpoint, read_checkpoint, sequence_to_db,
 };
 use crate::store::{BatchOutcome, ProjectionStore, StoreError};
 
@@ -225,7 +225,8 @@ impl ProjectionStore for PgCourses {
     ) -> Result<BatchOutcome, StoreError> {
         let mut tx = begin_batch(&self.pool).await?;
         let mut outcome = BatchOutcome {
-            checkpoint: lock_checkpoint(&mut tx, &self.sql.checkpoint_key).await?,
+            checkpoint: advance_checkpoint(&mut tx, &self.sql.checkpoint_key, through_sequence)
+                .await?,
             ..BatchOutcome::default()
         };
         let fresh: Vec<&(u64, Event)> = batch
@@ -245,10 +246,7 @@ impl ProjectionStore for PgCourses {
             );
         }
         self.write_documents(&mut tx, documents).await?;
-        if through_sequence > outcome.checkpoint {
-            outcome.checkpoint = through_sequence;
-            write_checkpoint(&mut tx, &self.sql.checkpoint_key, through_sequence).await?;
-        }
+        outcome.checkpoint = outcome.checkpoint.max(through_sequence);
         tx.commit().await?;
         Ok(outcome)
     }

@@ -154,7 +154,8 @@ impl PgStudents {
     ) -> Result<Option<BatchOutcome>, sqlx::Error> {
         let mut tx = begin_batch(&self.pool).await?;
         let mut outcome = BatchOutcome {
-            checkpoint: lock_checkpoint(&mut tx, &self.sql.checkpoint_key).await?,
+            checkpoint: advance_checkpoint(&mut tx, &self.sql.checkpoint_key, through_sequence)
+                .await?,
             ..BatchOutcome::default()
         };
         let fresh: Vec<&(u64, Event)> = batch
@@ -190,10 +191,7 @@ impl PgStudents {
             tx.rollback().await?;
             return Ok(None);
         }
-        if through_sequence > outcome.checkpoint {
-            outcome.checkpoint = through_sequence;
-            write_checkpoint(&mut tx, &self.sql.checkpoint_key, through_sequence).await?;
-        }
+        outcome.checkpoint = outcome.checkpoint.max(through_sequence);
         tx.commit().await?;
         Ok(Some(outcome))
     }
@@ -293,7 +291,7 @@ impl PgStudents {
     async fn write(
         &self,
         tx: &mut Transaction<'_, Postgres>,
-        writes: Writes,
+        writes: Writes<'_>,
         assumed_new: &HashSet<Uuid>,
     ) -> Result<bool, sqlx::Error> {
         let sql = &self.sql;
@@ -305,7 +303,7 @@ impl PgStudents {
         }
         let (inserts, upserts): (Vec<&StudentRow>, Vec<&StudentRow>) = writes
             .upserts
-            .iter()
+            .into_iter()
             .partition(|row| assumed_new.contains(&row.id));
         if !inserts.is_empty() {
             let inserted = bind_rows(sqlx::query(AssertSqlSafe(sql.insert.as_str())), &inserts)
@@ -462,20 +460,34 @@ pub(crate) async fn lock_checkpoint(
     Ok(row.map_or(0, sequence_from_db))
 }
 
-pub(crate) async fn write_checkpoint(
+/// Locks the checkpoint under `key` for the batch transaction, moves it forward to
+/// `through` (never back) and returns where it was: what the batch must skip. One round
+/// trip instead of a lock and a later write; a rolled back batch leaves it where it was.
+pub(crate) async fn advance_checkpoint(
     tx: &mut Transaction<'_, Postgres>,
     key: &str,
-    sequence: u64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO projection_checkpoints (projection, last_sequence) VALUES ($1, $2)
-         ON CONFLICT (projection) DO UPDATE SET last_sequence = EXCLUDED.last_sequence",
+    through: u64,
+) -> Result<u64, sqlx::Error> {
+    // `stored` locks and reads the row before `advanced` writes it: `advanced` reads
+    // `stored`, which fixes that order (sibling WITH statements otherwise run in no set
+    // order). After a concurrent batch commits, the lock returns the row it wrote. Before
+    // the first batch there is no row to lock: 0, as with a separate lock and write.
+    let previous: Option<i64> = sqlx::query_scalar(
+        "WITH stored AS (
+             SELECT last_sequence FROM projection_checkpoints WHERE projection = $1 FOR UPDATE
+         ), advanced AS (
+             INSERT INTO projection_checkpoints (projection, last_sequence)
+             SELECT $1, $2 FROM (SELECT count(*) FROM stored) AS after_lock
+             ON CONFLICT (projection) DO UPDATE
+             SET last_sequence = GREATEST(projection_checkpoints.last_sequence, EXCLUDED.last_sequence)
+         )
+         SELECT last_sequence FROM stored",
     )
     .bind(key)
-    .bind(sequence_to_db(sequence))
-    .execute(&mut **tx)
+    .bind(sequence_to_db(through))
+    .fetch_optional(&mut **tx)
     .await?;
-    Ok(())
+    Ok(previous.map_or(0, sequence_from_db))
 }
 
 /// Stream sequences fit in i64 for any stream that will ever exist (2^63 messages).

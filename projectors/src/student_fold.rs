@@ -107,11 +107,11 @@ impl Touched {
 
 /// The statements' inputs for a set of touched students.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Writes {
+pub struct Writes<'a> {
     /// Students whose stored rows (and enrollments) go first.
     pub deletes: Vec<Uuid>,
-    /// Rows to insert or overwrite.
-    pub upserts: Vec<StudentRow>,
+    /// Rows to insert or overwrite (borrowed: a batch of registrations is mostly these).
+    pub upserts: Vec<&'a StudentRow>,
     /// Enrollments to add: (student, course, enrolled at).
     pub enroll: Vec<(Uuid, Uuid, DateTime<Utc>)>,
     /// Enrollments to remove: (student, course).
@@ -119,7 +119,7 @@ pub struct Writes {
 }
 
 /// What to write so the tables hold every `current` state.
-pub fn writes<'a>(touched: impl IntoIterator<Item = &'a Touched>) -> Writes {
+pub fn writes<'a>(touched: impl IntoIterator<Item = &'a Touched>) -> Writes<'a> {
     let mut writes = Writes::default();
     for t in touched {
         let stored = if t.replaced { None } else { t.stored.as_ref() };
@@ -134,7 +134,7 @@ pub fn writes<'a>(touched: impl IntoIterator<Item = &'a Touched>) -> Writes {
             }
             Some(row) => {
                 if stored != Some(row) {
-                    writes.upserts.push(row.clone());
+                    writes.upserts.push(row);
                 }
                 // An enrollment left and entered again within the batch has a new time:
                 // it is removed and added (removals are written first).

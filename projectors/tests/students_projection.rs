@@ -96,6 +96,48 @@ async fn a_batch_delivered_twice_changes_nothing_the_second_time() {
     db.cleanup().await;
 }
 
+/// The checkpoint is locked, read and moved forward in one statement: concurrent writers of
+/// the same batch apply it once between them, and an older batch never moves it back.
+#[tokio::test]
+async fn concurrent_batches_apply_once_and_the_checkpoint_never_moves_back() {
+    let db = TestDatabase::create().await;
+    let store = PgStudents::with_pool(db.pool.clone())
+        .await
+        .expect("migrated");
+    let ada = Uuid::now_v7();
+    let first = vec![(1, registered(ada, "Ada L"))];
+    store.apply_batch(&first, 1).await.expect("first batch");
+    // Enrollments of a stored student: a writer that missed the checkpoint would apply
+    // them again (registrations would only be refused as already stored).
+    let batch: Vec<(u64, Event)> = (2..=9)
+        .map(|sequence| (sequence, enrolled(ada, Uuid::now_v7())))
+        .collect();
+    let writers: Vec<_> = (0..6)
+        .map(|_| {
+            let (store, batch) = (store.clone(), batch.clone());
+            tokio::spawn(async move { store.apply_batch(&batch, 9).await })
+        })
+        .collect();
+    let mut applied = Vec::new();
+    for writer in writers {
+        let outcome = writer.await.expect("joined").expect("applied");
+        assert_eq!(outcome.checkpoint, 9);
+        applied.push(outcome.applied);
+    }
+    applied.sort_unstable();
+    assert_eq!(applied, [0, 0, 0, 0, 0, 8], "each writer's applied count");
+    let students = snapshot(&store).await;
+    assert_eq!(
+        (students.len(), students[0].2, students[0].3.len()),
+        (1, 9, 8)
+    );
+
+    let stale = store.apply_batch(&first, 1).await.expect("stale batch");
+    assert_eq!((stale.applied, stale.skipped, stale.checkpoint), (0, 1, 9));
+    assert_eq!(store.checkpoint().await.expect("checkpoint"), 9);
+    db.cleanup().await;
+}
+
 #[tokio::test]
 async fn every_student_event_type_lands_in_the_read_model() {
     let db = TestDatabase::create().await;
