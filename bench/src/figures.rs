@@ -10,6 +10,7 @@ use events::{AggregateKind, Enrollment, Event, EventPayload, StudentDetails};
 use hyper::body::Bytes;
 use projectors::generation::{Generation, STUDENTS};
 use projectors::{PgStudents, ProjectionProgress, ProjectionRunner};
+use sqlx::AssertSqlSafe;
 use stream_admin::replay::{ReplayOptions, ReplayTarget, replay};
 use test_support::TestBroker;
 use uuid::Uuid;
@@ -213,10 +214,21 @@ async fn wait_applied(store: &PgStudents, position: u64) -> anyhow::Result<()> {
     }
 }
 
+/// What [`projection`] measures.
+pub struct ProjectionRuns {
+    /// The live projector applying the backlog.
+    pub system: Run,
+    /// The same rows upserted with raw UNNEST statements, Postgres alone on the machine.
+    pub ceiling: Run,
+    /// The same again while the broker delivers the stream at the projector's rate to a
+    /// bare consumer: the ceiling with the broker's share of the projector's work.
+    pub ceiling_with_broker: Run,
+}
+
 /// The live students projection applying a backlog of `events` registrations, and its
 /// ceiling: the same rows upserted with one `INSERT … SELECT FROM UNNEST … ON CONFLICT`
-/// per transaction of 500.
-pub async fn projection(events: usize) -> anyhow::Result<(Run, Run)> {
+/// per transaction of [`PROJECTOR_BATCH`], alone and with the broker busy.
+pub async fn projection(events: usize) -> anyhow::Result<ProjectionRuns> {
     let world = World::new().await;
     let store = PgStudents::with_pool(world.db.pool.clone()).await?;
     let backlog: Vec<Event> = (0..events)
@@ -235,9 +247,55 @@ pub async fn projection(events: usize) -> anyhow::Result<(Run, Run)> {
     };
     let _ = stop.send(true);
 
-    sqlx::query("CREATE TABLE students_ceiling (LIKE students INCLUDING ALL)")
-        .execute(&world.db.pool)
-        .await?;
+    let ceiling = unnest_upserts(&world, &backlog, "students_ceiling").await?;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let drain = tokio::spawn(drain_stream(
+        (
+            world.broker.jetstream.clone(),
+            world.broker.names.event_stream().to_string(),
+        ),
+        system.rate,
+        delivered.clone(),
+    ));
+    let started = Instant::now();
+    let mut ceiling_with_broker = unnest_upserts(&world, &backlog, "students_ceiling_busy").await;
+    let (seconds, delivered) = (
+        started.elapsed().as_secs_f64(),
+        delivered.load(Ordering::Relaxed),
+    );
+    drain.abort();
+    if let Ok(Err(error)) = drain.await {
+        return Err(error.context("draining the stream beside the ceiling"));
+    }
+    if let Ok(run) = &mut ceiling_with_broker {
+        run.note = format!(
+            "{delivered} events delivered in {seconds:.1} s ({:.0}/s; the projector's rate: {:.0}/s)",
+            delivered as f64 / seconds,
+            system.rate
+        );
+    }
+    world.cleanup().await;
+    Ok(ProjectionRuns {
+        system,
+        ceiling,
+        ceiling_with_broker: ceiling_with_broker?,
+    })
+}
+
+/// The projector's ceiling: `backlog`'s rows upserted into a copy of `students`, one
+/// `INSERT … SELECT FROM UNNEST … ON CONFLICT` per transaction of [`PROJECTOR_BATCH`].
+async fn unnest_upserts(world: &World, backlog: &[Event], table: &str) -> anyhow::Result<Run> {
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE TABLE {table} (LIKE students INCLUDING ALL)"
+    )))
+    .execute(&world.db.pool)
+    .await?;
+    let upsert = format!(
+        "INSERT INTO {table} (id, name, first_name, last_name, version, created_at, updated_at)
+         SELECT i, n, f, l, v, a, a FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[],
+                                               $5::bigint[], $6::timestamptz[]) AS r(i, n, f, l, v, a)
+         ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, version = EXCLUDED.version"
+    );
     let started = Instant::now();
     let cpu = world::own_cpu_seconds();
     for chunk in backlog.chunks(PROJECTOR_BATCH) {
@@ -260,29 +318,65 @@ pub async fn projection(events: usize) -> anyhow::Result<(Run, Run)> {
                 ats.push(event.metadata.occurred_at);
             }
         }
-        sqlx::query(
-            "INSERT INTO students_ceiling (id, name, first_name, last_name, version, created_at, updated_at)
-             SELECT i, n, f, l, v, a, a FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[],
-                                                   $5::bigint[], $6::timestamptz[]) AS r(i, n, f, l, v, a)
-             ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, version = EXCLUDED.version",
-        )
-        .bind(&ids)
-        .bind(&names)
-        .bind(&firsts)
-        .bind(&lasts)
-        .bind(&versions)
-        .bind(&ats)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(AssertSqlSafe(upsert.as_str()))
+            .bind(&ids)
+            .bind(&names)
+            .bind(&firsts)
+            .bind(&lasts)
+            .bind(&versions)
+            .bind(&ats)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
     }
-    let ceiling = Run {
-        rate: events as f64 / started.elapsed().as_secs_f64(),
+    Ok(Run {
+        rate: backlog.len() as f64 / started.elapsed().as_secs_f64(),
         system_cpu: world::own_cpu_seconds() - cpu,
         ..Run::default()
-    };
-    world.cleanup().await;
-    Ok((system, ceiling))
+    })
+}
+
+/// Reads the event stream the way the projector does — a pull consumer acked once per
+/// batch, every event decoded — at `rate` events/s, from the start again whenever it
+/// reaches the end, until aborted: the broker's share of the projector's work, and
+/// nothing of Postgres's. `delivered` counts the events read.
+async fn drain_stream(
+    broker: (async_nats::jetstream::Context, String),
+    rate: f64,
+    delivered: Arc<AtomicU64>,
+) -> anyhow::Result<()> {
+    use async_nats::jetstream::consumer::{AckPolicy, pull};
+    use futures::StreamExt;
+    let (jetstream, stream_name) = broker;
+    let stream = jetstream.get_stream(stream_name).await?;
+    let started = Instant::now();
+    loop {
+        let consumer = stream
+            .create_consumer(pull::Config {
+                ack_policy: AckPolicy::All,
+                ..Default::default()
+            })
+            .await?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(2 * PROJECTOR_BATCH)
+            .messages()
+            .await?;
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let pending = message.info().map_err(|e| anyhow::anyhow!("{e}"))?.pending;
+            events::decode(&message.payload)?;
+            let read = delivered.fetch_add(1, Ordering::Relaxed) + 1;
+            if read.is_multiple_of(PROJECTOR_BATCH as u64) || pending == 0 {
+                message.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                let due = started + Duration::from_secs_f64(read as f64 / rate.max(1.0));
+                tokio::time::sleep_until(due.into()).await;
+            }
+            if pending == 0 {
+                break;
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------- replay

@@ -248,6 +248,7 @@ async fn all(args: Args) -> anyhow::Result<()> {
     let mut peer_runs = Vec::new();
     let mut projection = Vec::new();
     let mut unnest = Vec::new();
+    let mut unnest_with_broker = Vec::new();
     let mut replay = Vec::new();
     let mut reads: [Vec<Run>; 6] = Default::default();
     let mut visible = Vec::new();
@@ -336,9 +337,10 @@ async fn all(args: Args) -> anyhow::Result<()> {
                 "projector on a backlog of {} events, and raw UNNEST upserts",
                 args.projection_events
             ));
-            let (system_run, ceiling_run) = figures::projection(args.projection_events).await?;
-            projection.push(system_run);
-            unnest.push(ceiling_run);
+            let runs = figures::projection(args.projection_events).await?;
+            projection.push(runs.system);
+            unnest.push(runs.ceiling);
+            unnest_with_broker.push(runs.ceiling_with_broker);
         }
 
         if args.measures(Part::Replay) {
@@ -352,8 +354,18 @@ async fn all(args: Args) -> anyhow::Result<()> {
     drop(hello);
 
     let replay_notes: Vec<String> = replay.iter().map(|r| r.note.clone()).collect();
+    let broker_notes: Vec<String> = unnest_with_broker.iter().map(|r| r.note.clone()).collect();
     let rows = rows(
-        &args, commands, publish, peer_runs, projection, unnest, replay, reads, visible, round_trip,
+        &args,
+        commands,
+        publish,
+        peer_runs,
+        projection,
+        [unnest, unnest_with_broker],
+        replay,
+        reads,
+        visible,
+        round_trip,
     );
     if !args.only.is_empty() {
         let measured: Vec<Row> = rows.into_iter().filter(|r| !r.runs.is_empty()).collect();
@@ -364,6 +376,7 @@ async fn all(args: Args) -> anyhow::Result<()> {
     let table = report::table(&rows);
     println!("{table}");
     println!("Replay runs: {}.", replay_notes.join("; "));
+    println!("Broker beside the ceiling: {}.", broker_notes.join("; "));
     if args.tiny {
         say("tiny run: nothing written");
         return Ok(());
@@ -377,8 +390,11 @@ async fn all(args: Args) -> anyhow::Result<()> {
          {runs} runs (median, min – max); projector backlog {pe} events; replay of about {re} events.\n\
          CPU columns: seconds used by the measured service process / by the bench process\n\
          (NATS, Postgres and Redis are not counted; 0 where the measured code runs inside\n\
-         the bench process).\n\n{table}\nReplay runs: {notes}.\n\n![throughput and latency](bench.png)\n",
+         the bench process).\n\n{table}\nReplay runs: {notes}.\n\n\
+         Broker beside the projector's ceiling (the bare consumer of the broker-busy row): {broker}.\n\n\
+         ![throughput and latency](bench.png)\n",
         notes = replay_notes.join("; "),
+        broker = broker_notes.join("; "),
         date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
         machine = report::machine(),
         secs = args.seconds,
@@ -404,7 +420,7 @@ fn rows(
     publish: Vec<Run>,
     peer: Vec<Run>,
     projection: Vec<Run>,
-    unnest: Vec<Run>,
+    [unnest, unnest_with_broker]: [Vec<Run>; 2],
     replay: Vec<Run>,
     reads: [Vec<Run>; 6],
     visible: Vec<Run>,
@@ -453,7 +469,7 @@ fn rows(
             figure: "projector into Postgres, live (backlog)".into(),
             unit: "events/s",
             met: Some(rate(&projection) >= 40_000.0 && ratio(&projection, &unnest) >= 0.6),
-            runs: projection,
+            runs: projection.clone(),
             ceiling_name: format!(
                 "INSERT … SELECT FROM UNNEST … ON CONFLICT, {} rows/tx",
                 figures::PROJECTOR_BATCH
@@ -461,6 +477,19 @@ fn rows(
             ceiling: unnest,
             target: "≥ 40 000 events/s, ≥ 60 %".into(),
             chart: true,
+            compare: Compare::Rate,
+        },
+        Row {
+            label: "projector, broker busy",
+            figure: "projector into Postgres (as above), against the ceiling with the broker busy"
+                .into(),
+            unit: "events/s",
+            met: None,
+            runs: projection,
+            ceiling_name: "the same UNNEST upserts while JetStream delivers the stream to a bare consumer at the projector's rate".into(),
+            ceiling: unnest_with_broker,
+            target: "— (shows the broker's share of the gap)".into(),
+            chart: false,
             compare: Compare::Rate,
         },
         Row {
