@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::course_document::{self, CourseDocument};
 use crate::generation::Generation;
 use crate::pg_students::{
-    advance_checkpoint, begin_batch, lock_checkpoint, read_checkpoint, sequence_to_db,
+    advance_checkpoint, begin_batch, lock_checkpoint, read_checkpoint, sequence_to_db, writer_pool,
 };
 use crate::store::{BatchOutcome, ProjectionStore, StoreError};
 
@@ -60,10 +60,7 @@ impl Statements {
 impl PgCourses {
     /// Connects and brings the schema up to date.
     pub async fn connect(database_url: &str) -> anyhow::Result<Self> {
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(4)
-            .connect(database_url)
-            .await?;
+        let pool = writer_pool().connect(database_url).await?;
         Self::with_pool(pool).await
     }
 
