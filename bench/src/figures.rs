@@ -230,7 +230,8 @@ pub struct ProjectionRuns {
 /// per transaction of [`PROJECTOR_BATCH`], alone and with the broker busy.
 pub async fn projection(events: usize) -> anyhow::Result<ProjectionRuns> {
     let world = World::new().await;
-    let store = PgStudents::with_pool(world.db.pool.clone()).await?;
+    // The projector's own pool (as the binary makes it); the ceilings write through it too.
+    let store = PgStudents::connect(&world.db.url).await?;
     let backlog: Vec<Event> = (0..events)
         .map(|i| student_event(Uuid::now_v7(), EventPayload::StudentRegistered(details(i))))
         .collect();
@@ -247,7 +248,7 @@ pub async fn projection(events: usize) -> anyhow::Result<ProjectionRuns> {
     };
     let _ = stop.send(true);
 
-    let ceiling = unnest_upserts(&world, &backlog, "students_ceiling").await?;
+    let ceiling = unnest_upserts(store.pool(), &backlog, "students_ceiling").await?;
     let delivered = Arc::new(AtomicU64::new(0));
     let drain = tokio::spawn(drain_stream(
         (
@@ -258,7 +259,8 @@ pub async fn projection(events: usize) -> anyhow::Result<ProjectionRuns> {
         delivered.clone(),
     ));
     let started = Instant::now();
-    let mut ceiling_with_broker = unnest_upserts(&world, &backlog, "students_ceiling_busy").await;
+    let mut ceiling_with_broker =
+        unnest_upserts(store.pool(), &backlog, "students_ceiling_busy").await;
     let (seconds, delivered) = (
         started.elapsed().as_secs_f64(),
         delivered.load(Ordering::Relaxed),
@@ -284,11 +286,15 @@ pub async fn projection(events: usize) -> anyhow::Result<ProjectionRuns> {
 
 /// The projector's ceiling: `backlog`'s rows upserted into a copy of `students`, one
 /// `INSERT … SELECT FROM UNNEST … ON CONFLICT` per transaction of [`PROJECTOR_BATCH`].
-async fn unnest_upserts(world: &World, backlog: &[Event], table: &str) -> anyhow::Result<Run> {
+async fn unnest_upserts(
+    pool: &sqlx::PgPool,
+    backlog: &[Event],
+    table: &str,
+) -> anyhow::Result<Run> {
     sqlx::query(AssertSqlSafe(format!(
         "CREATE TABLE {table} (LIKE students INCLUDING ALL)"
     )))
-    .execute(&world.db.pool)
+    .execute(pool)
     .await?;
     let upsert = format!(
         "INSERT INTO {table} (id, name, first_name, last_name, version, created_at, updated_at)
@@ -299,7 +305,7 @@ async fn unnest_upserts(world: &World, backlog: &[Event], table: &str) -> anyhow
     let started = Instant::now();
     let cpu = world::own_cpu_seconds();
     for chunk in backlog.chunks(PROJECTOR_BATCH) {
-        let mut tx = world.db.pool.begin().await?;
+        let mut tx = pool.begin().await?;
         let (mut ids, mut names, mut firsts, mut lasts, mut versions, mut ats) = (
             Vec::new(),
             Vec::new(),
@@ -416,7 +422,7 @@ pub fn school(events: usize) -> Vec<Event> {
 /// replay's duration in seconds (reported as such), errors are failed reads.
 pub async fn full_replay(events: usize) -> anyhow::Result<Run> {
     let world = World::new().await;
-    let store = PgStudents::with_pool(world.db.pool.clone()).await?;
+    let store = PgStudents::connect(&world.db.url).await?;
     let school = school(events);
     let last = publish_all(&world.broker, &school).await?;
     let stop = spawn_projection(&world, store.clone());
