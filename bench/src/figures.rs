@@ -251,10 +251,8 @@ pub async fn projection(events: usize) -> anyhow::Result<ProjectionRuns> {
     let ceiling = unnest_upserts(store.pool(), &backlog, "students_ceiling").await?;
     let delivered = Arc::new(AtomicU64::new(0));
     let drain = tokio::spawn(drain_stream(
-        (
-            world.broker.jetstream.clone(),
-            world.broker.names.event_stream().to_string(),
-        ),
+        world.broker.jetstream.clone(),
+        world.broker.names.event_stream().to_string(),
         system.rate,
         delivered.clone(),
     ));
@@ -347,13 +345,13 @@ async fn unnest_upserts(
 /// reaches the end, until aborted: the broker's share of the projector's work, and
 /// nothing of Postgres's. `delivered` counts the events read.
 async fn drain_stream(
-    broker: (async_nats::jetstream::Context, String),
+    jetstream: async_nats::jetstream::Context,
+    stream_name: String,
     rate: f64,
     delivered: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
     use async_nats::jetstream::consumer::{AckPolicy, pull};
     use futures::StreamExt;
-    let (jetstream, stream_name) = broker;
     let stream = jetstream.get_stream(stream_name).await?;
     let started = Instant::now();
     loop {
