@@ -120,6 +120,94 @@ pub async fn last_sequence_on(
     Ok(Some(sequence))
 }
 
+/// The oldest nats-server this system runs on: 2.14.0 is the first with consumer reset
+/// (`$JS.API.CONSUMER.RESET`, ADR-60), which every projection subscription starts with.
+/// Older servers answer it as a bad request, so a projection would retry forever.
+pub const MIN_SERVER_VERSION: ServerVersion = ServerVersion {
+    major: 2,
+    minor: 14,
+    patch: 0,
+    pre_release: false,
+};
+
+/// A nats-server version as its `INFO` reports it (`2.15.1`, `2.14.0-RC.2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerVersion {
+    pub major: u64,
+    pub minor: u64,
+    pub patch: u64,
+    /// A release candidate or beta of `major.minor.patch`: older than the release itself.
+    pub pre_release: bool,
+}
+
+impl ServerVersion {
+    pub fn parse(text: &str) -> Option<ServerVersion> {
+        let text = text.trim().trim_start_matches('v');
+        let (core, pre) = match text.split_once('-') {
+            Some((core, pre)) => (core, !pre.is_empty()),
+            None => (text, false),
+        };
+        let mut parts = core.split('.').map(|part| part.parse::<u64>().ok());
+        let (major, minor, patch) = (parts.next()??, parts.next()??, parts.next()??);
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(ServerVersion {
+            major,
+            minor,
+            patch,
+            pre_release: pre,
+        })
+    }
+
+    fn key(&self) -> (u64, u64, u64, bool) {
+        (self.major, self.minor, self.patch, !self.pre_release)
+    }
+}
+
+impl PartialOrd for ServerVersion {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ServerVersion {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
+    }
+}
+
+impl std::fmt::Display for ServerVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+/// `Err` with one line naming the version found and the version needed when the server is
+/// older than [`MIN_SERVER_VERSION`] (or reports a version that cannot be read).
+pub fn check_server_version(reported: &str) -> Result<(), String> {
+    match ServerVersion::parse(reported) {
+        Some(version) if version >= MIN_SERVER_VERSION => Ok(()),
+        Some(_) => Err(format!(
+            "nats-server {reported} is too old: {MIN_SERVER_VERSION} or newer is needed \
+             (consumer reset, ADR-60); upgrade the server"
+        )),
+        None => Err(format!(
+            "nats-server reports version {reported:?}, which is not a version number; \
+             {MIN_SERVER_VERSION} or newer is needed"
+        )),
+    }
+}
+
+/// [`check_server_version`] for the server `client` is connected to now. `Ok(false)`: not
+/// connected yet, nothing to check.
+pub fn check_connected_server(client: &async_nats::Client) -> Result<bool, String> {
+    if client.connection_state() != async_nats::connection::State::Connected {
+        return Ok(false);
+    }
+    check_server_version(&client.server_info().version).map(|()| true)
+}
+
 /// 100 ms doubling per attempt, capped at 5 s.
 fn reconnect_delay(attempt: usize) -> Duration {
     let exponent = u32::try_from(attempt.min(6)).unwrap_or(6);
@@ -129,6 +217,20 @@ fn reconnect_delay(attempt: usize) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn servers_older_than_2_14_are_refused_with_both_versions_named() {
+        for old in ["2.12.3", "2.11.10", "2.14.0-RC.1", "1.9.0"] {
+            let error = check_server_version(old).expect_err(old);
+            assert!(error.contains(old) && error.contains("2.14.0"), "{error}");
+        }
+        for new in ["2.14.0", "2.15.1", "v2.15.1", "2.16.0-beta.2", "3.0.0"] {
+            assert_eq!(check_server_version(new), Ok(()), "{new}");
+        }
+        assert!(check_server_version("").is_err());
+        assert!(check_server_version("2.15").is_err());
+        assert!(check_server_version("2.15.1.4").is_err());
+    }
 
     #[test]
     fn reconnect_backoff_grows_and_is_capped() {

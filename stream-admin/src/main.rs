@@ -59,6 +59,11 @@ enum Command {
         /// Stream and bucket replicas (3 in a cluster).
         #[arg(long, env = "STREAM_REPLICAS", default_value_t = 1)]
         replicas: usize,
+        /// Keep retrying (with backoff) for up to this many seconds while NATS or JetStream
+        /// is not reachable yet, e.g. a cluster still starting next to this Job. A server
+        /// too old or a refused destructive change fails at once.
+        #[arg(long, env = "APPLY_WAIT_SECONDS", default_value_t = 0)]
+        wait_seconds: u64,
     },
     /// Streams, how far each projection has applied, its lag and dead letters.
     Status {
@@ -157,26 +162,30 @@ enum EventsCommand {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Apply {
+        dry_run,
+        allow_destructive,
+        replicas,
+        wait_seconds,
+    } = cli.command
+    {
+        let topology = stream_admin::desired(&cli.stream_prefix, replicas);
+        let options = stream_admin::ApplyOptions {
+            dry_run,
+            allow_destructive,
+        };
+        let changes = apply_with_retries(&cli.nats, &topology, options, wait_seconds).await?;
+        for change in &changes {
+            println!("{change}");
+        }
+        println!("{}", stream_admin::summary(&changes, dry_run));
+        return Ok(());
+    }
     let client = cli.nats.connect("stream-admin").await?;
     let jetstream = async_nats::jetstream::new(client.clone());
     let names = &cli.stream_prefix;
     match cli.command {
-        Command::Apply {
-            dry_run,
-            allow_destructive,
-            replicas,
-        } => {
-            let topology = stream_admin::desired(names, replicas);
-            let options = stream_admin::ApplyOptions {
-                dry_run,
-                allow_destructive,
-            };
-            let changes = stream_admin::apply(&jetstream, &topology, options).await?;
-            for change in &changes {
-                println!("{change}");
-            }
-            println!("{}", stream_admin::summary(&changes, dry_run));
-        }
+        Command::Apply { .. } => unreachable!("handled above"),
         Command::Status { json, read_models } => {
             let mut models = Vec::new();
             for projection in Projection::ALL {
@@ -364,4 +373,62 @@ fn confirm(question: &str) -> anyhow::Result<bool> {
     let mut answer = String::new();
     std::io::stdin().lock().read_line(&mut answer)?;
     Ok(answer.trim() == "yes")
+}
+
+/// Why one apply attempt failed: worth another try (the server is not reachable or not
+/// ready yet) or final.
+enum ApplyFailure {
+    Retry(anyhow::Error),
+    Final(anyhow::Error),
+}
+
+async fn apply_once(
+    nats: &service_kit::nats::NatsArgs,
+    topology: &stream_admin::Topology,
+    options: stream_admin::ApplyOptions,
+) -> Result<Vec<stream_admin::Change>, ApplyFailure> {
+    let client = nats
+        .connect("stream-admin")
+        .await
+        .map_err(ApplyFailure::Retry)?;
+    service_kit::nats::check_server_version(&client.server_info().version)
+        .map_err(|line| ApplyFailure::Final(anyhow::anyhow!(line)))?;
+    let jetstream = async_nats::jetstream::new(client);
+    stream_admin::apply(&jetstream, topology, options)
+        .await
+        .map_err(|error| {
+            if error.is::<stream_admin::DestructiveChanges>() {
+                ApplyFailure::Final(error)
+            } else {
+                ApplyFailure::Retry(error)
+            }
+        })
+}
+
+/// `apply`, retried with backoff (0.5 s doubling to 5 s) for up to `wait_seconds`.
+async fn apply_with_retries(
+    nats: &service_kit::nats::NatsArgs,
+    topology: &stream_admin::Topology,
+    options: stream_admin::ApplyOptions,
+    wait_seconds: u64,
+) -> anyhow::Result<Vec<stream_admin::Change>> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait_seconds);
+    let mut delay = std::time::Duration::from_millis(500);
+    loop {
+        match apply_once(nats, topology, options).await {
+            Ok(changes) => return Ok(changes),
+            Err(ApplyFailure::Final(error)) => return Err(error),
+            Err(ApplyFailure::Retry(error)) => {
+                if std::time::Instant::now() + delay > deadline {
+                    return Err(error);
+                }
+                eprintln!(
+                    "apply failed, retrying in {} ms: {error:#}",
+                    delay.as_millis()
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
 }

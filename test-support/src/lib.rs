@@ -10,9 +10,11 @@ use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
 mod nats_server;
+mod old_nats;
 mod postgres_server;
 mod process;
 pub use nats_server::{NatsServer, NatsStop};
+pub use old_nats::NatsVersionStandIn;
 pub use postgres_server::{PgStop, PostgresServer};
 pub use process::ServiceProcess;
 
