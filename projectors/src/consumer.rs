@@ -29,6 +29,10 @@ use crate::store::{ProjectionStore, StoreError};
 
 /// Pause between attempts after a failure (read model or broker unavailable).
 const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Backoff between failed subscriptions (no stream or consumer yet, NATS away): doubling
+/// from the first to the last, reset once a subscription succeeds.
+const FIRST_RESUBSCRIBE_DELAY: Duration = Duration::from_millis(250);
+const MAX_RESUBSCRIBE_DELAY: Duration = Duration::from_secs(5);
 /// A batch the read model refuses this many times is applied event by event, and an event
 /// refused this many times on its own is dead-lettered.
 pub const MAX_REFUSALS: u32 = 3;
@@ -53,10 +57,23 @@ pub struct ProjectionProgress {
     figures: std::sync::Mutex<HashMap<&'static str, Figures>>,
 }
 
-#[derive(Default, Clone, Copy)]
+#[derive(Clone)]
 struct Figures {
     checkpoint: u64,
     pending: u64,
+    /// `None` while the projection is subscribed and consuming; otherwise why it is not
+    /// (for `/readyz`).
+    not_consuming: Option<String>,
+}
+
+impl Default for Figures {
+    fn default() -> Self {
+        Figures {
+            checkpoint: 0,
+            pending: 0,
+            not_consuming: Some("not subscribed yet".to_owned()),
+        }
+    }
 }
 
 impl ProjectionProgress {
@@ -64,12 +81,40 @@ impl ProjectionProgress {
         if let Ok(mut figures) = self.figures.lock() {
             // A batch of redelivered messages only carries sequences already applied: the
             // checkpoint it reports must not move the gauge back.
-            let figures = figures.entry(projection.as_str()).or_insert(Figures {
-                checkpoint,
-                pending,
-            });
+            let figures = figures.entry(projection.as_str()).or_default();
             figures.checkpoint = figures.checkpoint.max(checkpoint);
             figures.pending = pending;
+        }
+    }
+
+    /// Marks a projection as consuming (`None`) or not, with the reason.
+    fn set_consuming(&self, projection: Projection, not_consuming: Option<String>) {
+        if let Ok(mut figures) = self.figures.lock() {
+            figures
+                .entry(projection.as_str())
+                .or_default()
+                .not_consuming = not_consuming;
+        }
+    }
+
+    /// Whether `projection` is subscribed and consuming; `Err` says why not. A projection
+    /// that has not started yet, cannot subscribe (no stream or consumer, a server too old)
+    /// or has stopped is not ready.
+    pub fn consuming(&self, projection: Projection) -> Result<(), String> {
+        let figures = self
+            .figures
+            .lock()
+            .map_err(|_| "progress lock poisoned".to_owned())?;
+        match figures.get(projection.as_str()) {
+            Some(Figures {
+                not_consuming: None,
+                ..
+            }) => Ok(()),
+            Some(Figures {
+                not_consuming: Some(reason),
+                ..
+            }) => Err(reason.clone()),
+            None => Err("not started".to_owned()),
         }
     }
 
@@ -163,30 +208,54 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
     }
 
     /// One debug line per applied event, in a span continuing the event's trace (the
-    /// command's span is its parent), so a request can be followed into the projection.
-    /// Debug only: at tens of thousands of events per second a line each is a cost.
-    fn log_applied(&self, applied: &[(u64, Event)]) {
-        if !tracing::enabled!(tracing::Level::DEBUG) {
+    /// command's span is its parent), so a request can be followed into the projection;
+    /// with OTLP export on, the same span is exported (from `started`, when the batch
+    /// began to apply, to now). Debug only for the logs: at tens of thousands of events per
+    /// second a line each is a cost.
+    fn observe_applied(&self, applied: &[(u64, Event)], started: std::time::SystemTime) {
+        let log = tracing::enabled!(tracing::Level::DEBUG);
+        let export = service_kit::otlp::enabled();
+        if !log && !export {
             return;
         }
+        let finished = std::time::SystemTime::now();
         for (position, event) in applied {
             let parent = SpanContext::parse(&event.metadata.trace.traceparent);
             let span = parent.map_or_else(SpanContext::root, |p| p.child());
-            tracing::debug_span!(
-                "apply",
-                trace_id = %span.trace_id_hex(),
-                span_id = %span.span_id_hex(),
-                parent_span_id = parent.map(|p| p.span_id_hex()),
-            )
-            .in_scope(|| {
-                tracing::debug!(
-                    projection = self.projection().as_str(),
-                    position,
-                    event_id = %event.metadata.event_id,
-                    event_type = event.payload.event_type(),
-                    "event applied"
-                );
-            });
+            if log {
+                tracing::debug_span!(
+                    "apply",
+                    trace_id = %span.trace_id_hex(),
+                    span_id = %span.span_id_hex(),
+                    parent_span_id = parent.map(|p| p.span_id_hex()),
+                )
+                .in_scope(|| {
+                    tracing::debug!(
+                        projection = self.projection().as_str(),
+                        position,
+                        event_id = %event.metadata.event_id,
+                        event_type = event.payload.event_type(),
+                        "event applied"
+                    );
+                });
+            }
+            if export {
+                service_kit::otlp::record(service_kit::otlp::FinishedSpan {
+                    name: format!("apply {}", event.payload.event_type()).into(),
+                    kind: opentelemetry::trace::SpanKind::Consumer,
+                    context: span,
+                    parent,
+                    start: started,
+                    end: finished,
+                    attributes: vec![
+                        KeyValue::new("projection", self.projection().as_str()),
+                        KeyValue::new("messaging.system", "nats"),
+                        KeyValue::new("stream.sequence", *position as i64),
+                        KeyValue::new("event.id", event.metadata.event_id.to_string()),
+                    ],
+                    error: None,
+                });
+            }
         }
     }
 
@@ -210,32 +279,50 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             );
         }
         tokio::pin!(shutdown);
-        loop {
+        let mut retry_delay = FIRST_RESUBSCRIBE_DELAY;
+        let result = loop {
+            // A server too old to reset consumers can never be consumed from correctly:
+            // stop (the process exits non-zero) instead of retrying forever while ready.
+            if let Err(line) = service_kit::nats::check_connected_server(&self.jetstream.client()) {
+                self.progress.set_consuming(projection, Some(line.clone()));
+                tracing::error!(projection = projection.as_str(), "{line}");
+                break Err(anyhow::anyhow!(line));
+            }
             let subscription = tokio::select! {
-                () = &mut shutdown => break,
+                () = &mut shutdown => break Ok(()),
                 result = self.subscribe() => result,
             };
             let end = match subscription {
-                Ok((messages, acks)) => self.consume(messages, acks, &metrics, &mut shutdown).await,
+                Ok((messages, acks)) => {
+                    self.progress.set_consuming(projection, None);
+                    retry_delay = FIRST_RESUBSCRIBE_DELAY;
+                    self.consume(messages, acks, &metrics, &mut shutdown).await
+                }
                 Err(error) => SubscriptionEnd::Failed(error),
             };
             match end {
-                SubscriptionEnd::ShutdownRequested => break,
+                SubscriptionEnd::ShutdownRequested => break Ok(()),
                 SubscriptionEnd::Failed(error) => {
+                    let error = format!("{error:#}");
                     tracing::warn!(
-                        error = format!("{error:#}"),
+                        %error,
                         projection = projection.as_str(),
+                        retry_in_ms = retry_delay.as_millis() as u64,
                         "subscription failed; resubscribing from the checkpoint"
                     );
+                    self.progress.set_consuming(projection, Some(error));
                     tokio::select! {
-                        () = &mut shutdown => break,
-                        () = tokio::time::sleep(RETRY_DELAY) => {}
+                        () = &mut shutdown => break Ok(()),
+                        () = tokio::time::sleep(retry_delay) => {}
                     }
+                    retry_delay = (retry_delay * 2).min(MAX_RESUBSCRIBE_DELAY);
                 }
             }
-        }
+        };
+        self.progress
+            .set_consuming(projection, Some("stopped".to_owned()));
         tracing::info!(projection = projection.as_str(), "projection stopped");
-        Ok(())
+        result
     }
 
     /// Resets the durable consumer to just after the checkpoint and opens a message stream.
@@ -400,12 +487,13 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             }
         }
         let started = Instant::now();
+        let started_at = std::time::SystemTime::now();
         let applied = self
             .apply_with_retries(&decoded, last_sequence, &batch, shutdown)
             .await;
         let applied = match applied {
             Ok(applied) => {
-                self.log_applied(&decoded);
+                self.observe_applied(&decoded, started_at);
                 applied
             }
             Err(Isolate(_)) => {
@@ -514,12 +602,13 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         let mut applied = 0;
         for (index, (sequence, _)) in decoded.iter().enumerate() {
             let single = &decoded[index..=index];
+            let started_at = std::time::SystemTime::now();
             match self
                 .apply_with_retries(single, *sequence, batch, shutdown)
                 .await
             {
                 Ok(Some(count)) => {
-                    self.log_applied(single);
+                    self.observe_applied(single, started_at);
                     applied += count;
                 }
                 Ok(None) => return Ok(None),

@@ -54,7 +54,8 @@ async fn bounded_ping(
     }
 }
 
-/// `/healthz`, `/readyz` (NATS connected, read models answering) and `/metrics`.
+/// `/healthz`, `/readyz` (NATS connected, read models answering, both projections
+/// subscribed and consuming) and `/metrics`.
 pub fn health_router(state: HealthState) -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(health::healthz))
@@ -78,5 +79,13 @@ async fn readyz(State(state): State<HealthState>) -> Response {
         ("nats", nats),
         ("students_store", students),
         ("courses_store", courses),
+        (
+            "students_projection",
+            state.progress.consuming(events::Projection::Students),
+        ),
+        (
+            "courses_projection",
+            state.progress.consuming(events::Projection::Courses),
+        ),
     ])
 }

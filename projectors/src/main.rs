@@ -15,7 +15,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     service_kit::logging::init();
-    let nats = config.nats.connect("projectors").await?;
+    let exporting = service_kit::otlp::init("projectors")?;
+    // In the background: NATS may come up after this process (a first install), and until
+    // then the projections retry, unready, instead of the process exiting.
+    let nats = config.nats.connect_in_background("projectors").await?;
     let jetstream = async_nats::jetstream::new(nats.clone());
     let students = PgStudents::connect(&config.database_url)
         .await
@@ -78,11 +81,35 @@ async fn main() -> anyhow::Result<()> {
         progress,
     };
     tracing::info!(addr = %config.listen_addr, "projectors running");
-    let students_task = tokio::spawn(students_runner.run(stopped(stop_rx.clone())));
-    let courses_task = tokio::spawn(courses_runner.run(stopped(stop_rx)));
+    let mut students_task = tokio::spawn(students_runner.run(stopped(stop_rx.clone())));
+    let mut courses_task = tokio::spawn(courses_runner.run(stopped(stop_rx)));
 
-    service_kit::shutdown::signal().await;
+    // A projection only ends on shutdown. One that ends before (an error it cannot retry,
+    // a panic) ends the process non-zero, so the orchestrator restarts it: a process that
+    // stays up while one of its projections is dead would look alive and apply nothing.
+    let died = tokio::select! {
+        () = service_kit::shutdown::signal() => None,
+        result = &mut students_task => Some(("students", result)),
+        result = &mut courses_task => Some(("courses", result)),
+    };
     let _ = stop_tx.send(true);
+    if let Some((projection, result)) = died {
+        let cause = match result {
+            Ok(Ok(())) => anyhow::anyhow!("the {projection} projection stopped unasked"),
+            Ok(Err(error)) => error.context(format!("the {projection} projection stopped")),
+            Err(panic) => anyhow::anyhow!("the {projection} projection panicked: {panic}"),
+        };
+        tracing::error!(error = format!("{cause:#}"), "exiting");
+        // Let the other projection finish its batch in flight; its result adds nothing.
+        let other = if projection == "students" {
+            courses_task
+        } else {
+            students_task
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), other).await;
+        let _ = nats.flush().await;
+        return Err(cause);
+    }
     let students_result = students_task
         .await
         .context("students projection panicked")?;
@@ -90,5 +117,8 @@ async fn main() -> anyhow::Result<()> {
     health.await.context("health task panicked")??;
     // Acks are fire-and-forget publishes: flush them before exiting.
     nats.flush().await.context("flushing acks")?;
+    if let Some(exporting) = exporting {
+        exporting.shutdown().await;
+    }
     students_result.and(courses_result)
 }
