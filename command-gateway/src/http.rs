@@ -82,6 +82,9 @@ pub fn router(state: AppState, keys: ApiKeys, body_limit_bytes: usize) -> Router
         .method_not_allowed_fallback(problem::method_not_allowed)
         .layer(ObserveLayer)
         .layer(DefaultBodyLimit::max(body_limit_bytes))
+        .layer(axum::Extension(service_kit::json::BodyLimit(
+            body_limit_bytes,
+        )))
         .with_state(state)
 }
 
@@ -90,8 +93,21 @@ async fn readyz(State(state): State<AppState>) -> Response {
         async_nats::connection::State::Connected => Ok(()),
         other => Err(format!("nats connection is {other}")),
     };
-    let stream = state.commands.aggregates().store().check().await;
-    health::readiness(vec![("nats", nats), ("event_stream", stream)])
+    // Without a connection the broker checks would only wait out their request timeout.
+    let (stream, bucket) = if nats.is_ok() {
+        tokio::join!(
+            state.commands.aggregates().store().check(),
+            state.idempotency.check()
+        )
+    } else {
+        let unchecked = || Err("not checked: NATS is not connected".to_owned());
+        (unchecked(), unchecked())
+    };
+    health::readiness(vec![
+        ("nats", nats),
+        ("event_stream", stream),
+        ("idempotency_bucket", bucket),
+    ])
 }
 
 // ---------------------------------------------------------------- request bodies

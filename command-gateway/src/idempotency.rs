@@ -26,9 +26,15 @@ pub const ABANDONED_AFTER: Duration = Duration::from_secs(60);
 
 /// The bucket of outcomes. Cheap to clone (every command request clones the gateway's
 /// state): a `kv::Store` carries the bucket's whole stream info.
+///
+/// The bucket is opened on first use, not at start: a gateway started before
+/// `stream-admin apply` has run stays up (unready, see [`check`](Self::check)) and finds
+/// the bucket once it exists.
 #[derive(Clone)]
 pub struct IdempotencyStore {
-    bucket: Arc<kv::Store>,
+    bucket: Arc<tokio::sync::OnceCell<kv::Store>>,
+    jetstream: async_nats::jetstream::Context,
+    name: Arc<str>,
 }
 
 /// A claimed key: finish it with the outcome.
@@ -68,10 +74,35 @@ enum Record {
 }
 
 impl IdempotencyStore {
-    pub fn new(bucket: kv::Store) -> Self {
+    /// The store of bucket `name`, opened on first use.
+    pub fn new(jetstream: async_nats::jetstream::Context, name: &str) -> Self {
         IdempotencyStore {
-            bucket: Arc::new(bucket),
+            bucket: Arc::new(tokio::sync::OnceCell::new()),
+            jetstream,
+            name: name.into(),
         }
+    }
+
+    /// The bucket, opened now if it was not yet. `Err` names it when it is missing.
+    async fn bucket(&self) -> Result<&kv::Store, String> {
+        self.bucket
+            .get_or_try_init(|| async {
+                self.jetstream
+                    .get_key_value(&*self.name)
+                    .await
+                    .map_err(|error| {
+                        format!(
+                            "KV bucket {} is not available (run `stream-admin apply`): {error}",
+                            self.name
+                        )
+                    })
+            })
+            .await
+    }
+
+    /// Whether the bucket exists and answers (for `/readyz`).
+    pub async fn check(&self) -> Result<(), String> {
+        self.bucket().await.map(|_| ())
     }
 
     /// Claims `key` for the request described by `fingerprint`, or finds its outcome.
@@ -89,7 +120,8 @@ impl IdempotencyStore {
             started_at_ms: now_ms(),
             claim: claim.clone(),
         })?;
-        match self.bucket.create(&kv_key, pending.clone()).await {
+        let bucket = self.bucket().await.map_err(|e| unavailable(&e))?;
+        match bucket.create(&kv_key, pending.clone()).await {
             Ok(_) => {
                 return Ok(Begin::Claimed(Claim {
                     kv_key,
@@ -106,8 +138,7 @@ impl IdempotencyStore {
                 return Err(unavailable(&error));
             }
         }
-        let entry = self
-            .bucket
+        let entry = bucket
             .entry(&kv_key)
             .await
             .map_err(|e| unavailable(&e))?
@@ -144,7 +175,7 @@ impl IdempotencyStore {
                     return Err(in_use("a request with this key is still running"));
                 }
                 // The first request died without an outcome: take its claim over.
-                self.bucket
+                bucket
                     .update(&kv_key, pending, entry.revision)
                     .await
                     .map_err(|_| in_use("another retry took this key over"))?;
@@ -171,12 +202,14 @@ impl IdempotencyStore {
             fingerprint: claim.fingerprint,
             outcome: outcome.clone(),
         }) {
-            Ok(record) => self
-                .bucket
-                .put(&claim.kv_key, record)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
+            Ok(record) => match self.bucket().await {
+                Ok(bucket) => bucket
+                    .put(&claim.kv_key, record)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Err(error) => Err(error),
+            },
             Err(_) => Err("encoding the outcome".into()),
         };
         if let Err(error) = result {
@@ -189,14 +222,16 @@ impl IdempotencyStore {
     /// Deletes the pending record with nonce `claim` under `kv_key`, and nothing else. `true`
     /// when nothing is left to do: deleted, or the key does not hold that claim.
     async fn release(&self, kv_key: &str, claim: &str) -> bool {
-        let entry = match self.bucket.entry(kv_key).await {
+        let Ok(bucket) = self.bucket().await else {
+            return false;
+        };
+        let entry = match bucket.entry(kv_key).await {
             Ok(Some(entry)) if entry.operation == kv::Operation::Put => entry,
             Ok(_) => return true,
             Err(_) => return false,
         };
         match serde_json::from_slice::<Record>(&entry.value) {
-            Ok(Record::Pending { claim: stored, .. }) if stored == claim => self
-                .bucket
+            Ok(Record::Pending { claim: stored, .. }) if stored == claim => bucket
                 .delete_expect_revision(kv_key, Some(entry.revision))
                 .await
                 .is_ok(),

@@ -21,34 +21,31 @@ use tokio::net::TcpListener;
 
 pub use config::Config;
 
-/// The handlers' state on top of a JetStream connection; fails if the topology is missing.
+/// The handlers' state on top of a JetStream connection. Nothing is opened yet: a stream or
+/// bucket that does not exist (yet) makes `/readyz` fail and commands answer `503` until
+/// `stream-admin apply` has created it; the gateway never exits for it.
 pub async fn app_state(
     nats: async_nats::Client,
     names: StreamNames,
 ) -> anyhow::Result<http::AppState> {
     let jetstream = async_nats::jetstream::new(nats.clone());
-    let bucket = jetstream
-        .get_key_value(names.idempotency_bucket())
-        .await
-        .with_context(|| {
-            format!(
-                "opening KV bucket {} (run `stream-admin apply`)",
-                names.idempotency_bucket()
-            )
-        })?;
+    let idempotency =
+        idempotency::IdempotencyStore::new(jetstream.clone(), &names.idempotency_bucket());
     let store = event_store::EventStore::new(jetstream, names);
     Ok(http::AppState {
         commands: Arc::new(commands::CommandService::new(aggregates::Aggregates::new(
             store,
         ))),
-        idempotency: idempotency::IdempotencyStore::new(bucket),
+        idempotency,
         nats: Arc::new(nats),
     })
 }
 
 /// Connects to NATS and builds the router from configuration.
 pub async fn build(config: &Config) -> anyhow::Result<axum::Router> {
-    let nats = config.nats.connect("command-gateway").await?;
+    // In the background: NATS may come up after the gateway (a first install); until then
+    // `/readyz` fails and commands answer 503.
+    let nats = config.nats.connect_in_background("command-gateway").await?;
     let state = app_state(nats, config.stream_prefix.clone()).await?;
     Ok(http::router(
         state,

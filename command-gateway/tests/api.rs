@@ -385,3 +385,84 @@ async fn the_openapi_document_describes_every_command_route_and_swagger_ui_is_se
     assert!(ui.text().await.expect("html").contains("swagger"));
     gateway.broker.cleanup().await;
 }
+
+/// A gateway started before `stream-admin apply` (a first install: the Job and the pods
+/// start together) stays up: `/readyz` is 503 naming the stream and the bucket, commands
+/// answer 503 problem+json, and once the topology exists it is ready and commands with an
+/// `Idempotency-Key` (the bucket) work, without a restart.
+#[tokio::test]
+async fn a_gateway_started_before_the_topology_waits_unready_and_then_serves() {
+    let client = async_nats::connect(test_support::nats_url())
+        .await
+        .expect("NATS");
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let names = events::StreamNames::new(format!("g{}", test_support::unique_suffix()));
+    let state = command_gateway::app_state(client, names.clone())
+        .await
+        .expect("the state does not need the topology");
+    let app = command_gateway::http::router(state, test_support::api_keys(), BODY_LIMIT);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(command_gateway::run(listener, app, std::future::pending()));
+    let http = reqwest::Client::new();
+    let body = json!({"name": "Ada L", "first_name": "Ada", "last_name": "Lovelace"});
+    let post = |key: &'static str| {
+        http.post(format!("{url}/api/students"))
+            .header("x-api-key", WRITE_KEY)
+            .header("idempotency-key", key)
+            .json(&body)
+            .send()
+    };
+
+    let ready = http
+        .get(format!("{url}/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let checks: Value = ready.json().await.expect("json");
+    assert_ne!(checks["checks"]["event_stream"], "ok", "{checks}");
+    assert_ne!(checks["checks"]["idempotency_bucket"], "ok", "{checks}");
+    let refused = post("before-apply").await.expect("POST");
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        refused.headers()["content-type"],
+        "application/problem+json"
+    );
+
+    stream_admin::apply(
+        &jetstream,
+        &stream_admin::desired(&names, 1),
+        stream_admin::ApplyOptions::default(),
+    )
+    .await
+    .expect("apply");
+    let ready = http
+        .get(format!("{url}/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(
+        ready.status(),
+        StatusCode::OK,
+        "{}",
+        ready.text().await.unwrap_or_default()
+    );
+    let created = post("after-apply").await.expect("POST");
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let again = post("after-apply").await.expect("POST again");
+    assert_eq!(
+        again.status(),
+        StatusCode::CREATED,
+        "the key's outcome is replayed"
+    );
+    for stream in [
+        names.event_stream(),
+        names.dead_letter_stream(),
+        format!("KV_{}", names.idempotency_bucket()),
+    ] {
+        let _ = jetstream.delete_stream(stream).await;
+    }
+}

@@ -121,3 +121,56 @@ async fn bad_input_through_the_entry_point_is_a_4xx_problem_never_a_5xx() {
         .expect("GET");
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
 }
+
+/// A body over the gateway's limit (64 KiB by default) through the entry point: `413`
+/// problem+json, never a 5xx, and the next requests (same client, same upstream
+/// connections) still work. Just over the limit, far over it (1 MiB, the size that got 502
+/// from nginx when the gateway closed without reading), and over the entry point's own
+/// 8 MiB limit.
+#[tokio::test]
+async fn oversize_bodies_through_the_entry_point_get_413_problems_and_break_nothing() {
+    let Some(stack) = stack() else { return };
+    let http = reqwest::Client::new();
+    let url = format!("{}/api/students", stack.base_url);
+    let cases = [
+        ("just over 64 KiB", 64 * 1024 + 1),
+        ("1 MiB", 1024 * 1024),
+        ("9 MiB, over the entry point's limit", 9 * 1024 * 1024),
+    ];
+    for (case, size) in cases {
+        let filler = "x".repeat(size - 40);
+        let body = format!("{{\"name\": \"Ada L\", \"pad\": \"{filler}\"}}");
+        assert!(body.len() >= size, "{case}");
+        // Twice: the second one travels on whatever connection the first left behind.
+        for attempt in 0..2 {
+            let response = http
+                .post(&url)
+                .header("x-api-key", &stack.write_key)
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{case} (attempt {attempt}): no answer: {e}"));
+            assert_eq!(
+                response.status(),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "{case} (attempt {attempt})"
+            );
+            assert_eq!(
+                response.headers()["content-type"],
+                "application/problem+json",
+                "{case}"
+            );
+            let problem: Value = response.json().await.expect("problem json");
+            assert_eq!(problem["status"], 413, "{case}: {problem}");
+        }
+        let created = http
+            .post(&url)
+            .header("x-api-key", &stack.write_key)
+            .json(&json!({"name": "Ada L", "first_name": "Ada", "last_name": "Lovelace"}))
+            .send()
+            .await
+            .expect("the next POST");
+        assert_eq!(created.status(), StatusCode::CREATED, "after {case}");
+    }
+}
