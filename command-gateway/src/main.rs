@@ -9,6 +9,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     service_kit::logging::init();
+    let exporting = service_kit::otlp::init("command-gateway")?;
     let app = command_gateway::build(&config).await?;
     if let Some(addr) = config.metrics_listen_addr {
         service_kit::metrics::serve_on_own_port(addr).await?;
@@ -17,5 +18,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding LISTEN_ADDR {}", config.listen_addr))?;
     tracing::info!(addr = %config.listen_addr, "command-gateway listening");
-    command_gateway::run(listener, app, service_kit::shutdown::signal()).await
+    let served = command_gateway::run(listener, app, service_kit::shutdown::signal()).await;
+    if let Some(exporting) = exporting {
+        exporting.shutdown().await;
+    }
+    served
 }

@@ -157,7 +157,8 @@ impl GrpcQueries {
         let traceparent = metadata
             .get(trace::TRACEPARENT)
             .and_then(|v| v.to_str().ok());
-        let (_, span) = trace::server_span(traceparent, method);
+        let (context, parent, span) = trace::server_span_with_parent(traceparent, method);
+        let start = service_kit::otlp::enabled().then(std::time::SystemTime::now);
         let presented = metadata.get(API_KEY_METADATA).map(|value| value.as_bytes());
         let result = match self.keys.authorize(presented, Scope::Read) {
             Ok(_) => call.instrument(span).await,
@@ -167,6 +168,26 @@ impl GrpcQueries {
             .as_ref()
             .map_or_else(Status::code, |_| tonic::Code::Ok);
         self.metrics.record(method, code, started);
+        if let Some(start) = start {
+            service_kit::otlp::record(service_kit::otlp::FinishedSpan {
+                name: format!("school.query.v1.SchoolQuery/{method}").into(),
+                kind: opentelemetry::trace::SpanKind::Server,
+                context,
+                parent,
+                start,
+                end: std::time::SystemTime::now(),
+                attributes: vec![
+                    opentelemetry::KeyValue::new("rpc.system", "grpc"),
+                    opentelemetry::KeyValue::new("rpc.method", method),
+                    opentelemetry::KeyValue::new("rpc.grpc.status_code", code as i64),
+                ],
+                error: matches!(
+                    code,
+                    tonic::Code::Internal | tonic::Code::Unavailable | tonic::Code::Unknown
+                )
+                .then(|| format!("{code:?}")),
+            });
+        }
         result.map(Response::new)
     }
 }

@@ -10,6 +10,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     service_kit::logging::init();
+    let exporting = service_kit::otlp::init("query-api")?;
     let queries = query_api::queries(&config).await?;
     let keys = config.limited_api_keys();
     let app = query_api::http::router(queries.clone(), keys.clone());
@@ -43,5 +44,8 @@ async fn main() -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let http = http.await.context("HTTP server panicked")?;
     let grpc = grpc.await.context("gRPC server panicked")?;
+    if let Some(exporting) = exporting {
+        exporting.shutdown().await;
+    }
     http.and(grpc)
 }

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod nats;
 pub mod observe;
 pub mod openapi;
+pub mod otlp;
 pub mod problem;
 pub mod shutdown;
 pub mod trace;

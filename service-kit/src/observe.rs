@@ -20,7 +20,8 @@ use tracing::Instrument;
 use tracing::instrument::Instrumented;
 
 use crate::http_metrics;
-use crate::trace::{TRACEPARENT, server_span};
+use crate::otlp;
+use crate::trace::{SpanContext, TRACEPARENT, server_span_with_parent};
 
 /// Add with `Router::layer`, after the routes and fallbacks it should see. Behind it the
 /// request's `traceparent` header names the service's own span: the parent of anything a
@@ -60,7 +61,13 @@ where
             .headers()
             .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok());
-        let (context, span) = server_span(traceparent, request.method().as_str());
+        let (context, parent, span) =
+            server_span_with_parent(traceparent, request.method().as_str());
+        let exported = otlp::enabled().then(|| Exported {
+            context,
+            parent,
+            start: std::time::SystemTime::now(),
+        });
         if let Ok(own) = HeaderValue::from_str(&context.traceparent()) {
             request.headers_mut().insert(TRACEPARENT, own);
         }
@@ -76,6 +83,7 @@ where
             started,
             method,
             route,
+            exported,
         }
     }
 }
@@ -88,7 +96,15 @@ pin_project! {
         started: Instant,
         method: Method,
         route: Option<MatchedPath>,
+        exported: Option<Exported>,
     }
+}
+
+/// What a request's exported span needs from its start (only with OTLP export on).
+struct Exported {
+    context: SpanContext,
+    parent: Option<SpanContext>,
+    start: std::time::SystemTime,
 }
 
 impl<F, E> Future for Observed<F>
@@ -101,12 +117,36 @@ where
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
         if let Ok(response) = &result {
+            let route = this.route.as_ref().map_or("unmatched", MatchedPath::as_str);
             http_metrics::record(
                 this.method,
-                this.route.as_ref().map_or("unmatched", MatchedPath::as_str),
+                route,
                 response.status(),
                 this.started.elapsed(),
             );
+            if let Some(exported) = this.exported.take() {
+                let status = response.status();
+                otlp::record(otlp::FinishedSpan {
+                    name: format!("{} {route}", this.method).into(),
+                    kind: opentelemetry::trace::SpanKind::Server,
+                    context: exported.context,
+                    parent: exported.parent,
+                    start: exported.start,
+                    end: std::time::SystemTime::now(),
+                    attributes: vec![
+                        opentelemetry::KeyValue::new(
+                            "http.request.method",
+                            this.method.to_string(),
+                        ),
+                        opentelemetry::KeyValue::new("http.route", route.to_owned()),
+                        opentelemetry::KeyValue::new(
+                            "http.response.status_code",
+                            i64::from(status.as_u16()),
+                        ),
+                    ],
+                    error: status.is_server_error().then(|| status.to_string()),
+                });
+            }
         }
         Poll::Ready(result)
     }

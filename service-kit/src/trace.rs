@@ -2,8 +2,9 @@
 //! trace from an HTTP request through the events it produced into the projector that
 //! applies them, and to put trace and span ids on every JSON log line on the way.
 //!
-//! Spans are not exported anywhere; the logs are the record. An incoming `traceparent`
-//! continues the caller's trace, otherwise a new trace starts at the service.
+//! The logs are the record; with an OTLP endpoint configured the same spans are also
+//! exported ([`crate::otlp`]). An incoming `traceparent` continues the caller's trace,
+//! otherwise a new trace starts at the service.
 
 use std::fmt;
 
@@ -111,6 +112,15 @@ fn random_u64() -> u64 {
 /// `parent_span_id` and `method` (HTTP method or RPC name), so every log line written
 /// inside names its trace. Returns the service's own [`SpanContext`] too.
 pub fn server_span(traceparent: Option<&str>, method: &str) -> (SpanContext, tracing::Span) {
+    let (context, _, span) = server_span_with_parent(traceparent, method);
+    (context, span)
+}
+
+/// [`server_span`], also returning the caller's span it continues (for export).
+pub fn server_span_with_parent(
+    traceparent: Option<&str>,
+    method: &str,
+) -> (SpanContext, Option<SpanContext>, tracing::Span) {
     let (context, parent) = SpanContext::continue_or_start(traceparent);
     let span = tracing::info_span!(
         "request",
@@ -119,7 +129,7 @@ pub fn server_span(traceparent: Option<&str>, method: &str) -> (SpanContext, tra
         parent_span_id = parent.map(|p| p.span_id_hex()),
         method,
     );
-    (context, span)
+    (context, parent, span)
 }
 
 #[cfg(test)]
