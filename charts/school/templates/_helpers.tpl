@@ -7,12 +7,29 @@
 {{- end -}}
 {{- end -}}
 
-{{- define "school.labels" -}}
+{{/*
+<fullname>-<suffix>, the fullname shortened so that the whole stays within max characters
+(63, a DNS label; 52 for a StatefulSet, whose pods get a controller-revision-hash label of
+<name>-<10 characters>). Call with (dict "root" $ "suffix" "query-api" ["max" 52]).
+*/}}
+{{- define "school.componentName" -}}
+{{- $max := int (.max | default 63) -}}
+{{- $room := sub $max (add1 (len .suffix)) | int -}}
+{{- printf "%s-%s" (include "school.fullname" .root | trunc $room | trimSuffix "-") .suffix -}}
+{{- end -}}
+
+{{/* Labels that never change between chart versions (the database pod templates carry only
+these: a chart bump must not restart a single-node database). */}}
+{{- define "school.stableLabels" -}}
 app.kubernetes.io/part-of: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
-helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "school.labels" -}}
+{{ include "school.stableLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end -}}
 
 {{/* Selector of one component: call with (dict "root" $ "name" "query-api"). */}}
@@ -34,8 +51,9 @@ imagePullSecrets:
 
 {{/*
 A generated secret value (base64) that survives upgrades: the value already in the cluster
-when there is one, a fresh random one otherwise (always so under `helm template`).
-Call with (dict "root" $ "name" SECRET "key" KEY).
+when there is one, a fresh random one at the first install. Call with
+(dict "root" $ "name" SECRET "key" KEY). Every template that calls it calls
+school.assertClusterReadable first.
 */}}
 {{- define "school.generatedSecretValue" -}}
 {{- $existing := lookup "v1" "Secret" .root.Release.Namespace .name -}}
@@ -43,6 +61,60 @@ Call with (dict "root" $ "name" SECRET "key" KEY).
 {{- index $existing.data .key -}}
 {{- else -}}
 {{- randAlphaNum 40 | b64enc -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The Secrets the chart generates with these values: one line each, "<Secret> (<keys>): set
+<value> to a Secret of your own".
+*/}}
+{{- define "school.generatedSecrets" -}}
+{{- if not .Values.apiKeys.existingWriteSecret }}
+- Secret {{ include "school.writeKeySecret" . }} (key: key): or set apiKeys.existingWriteSecret
+{{- end }}
+{{- if not .Values.apiKeys.existingReadSecret }}
+- Secret {{ include "school.readKeySecret" . }} (key: key): or set apiKeys.existingReadSecret
+{{- end }}
+{{- if and .Values.postgresql.enabled (not .Values.postgresql.auth.existingSecret) }}
+- Secret {{ include "school.postgresql.fullname" . }} (keys: POSTGRES_PASSWORD, QUERY_PASSWORD, PROJECTOR_PASSWORD): or set postgresql.auth.existingSecret
+{{- end }}
+{{- if and .Values.mongodb.enabled (not .Values.mongodb.auth.existingSecret) }}
+- Secret {{ include "school.mongodb.fullname" . }} (key: MONGO_INITDB_ROOT_PASSWORD): or set mongodb.auth.existingSecret
+{{- end }}
+{{- if and .Values.redis.enabled (not .Values.redis.auth.existingSecret) }}
+- Secret {{ include "school.redis.fullname" . }} (key: REDIS_PASSWORD): or set redis.auth.existingSecret
+{{- end }}
+{{- end -}}
+
+{{/*
+Generated Secrets are kept across upgrades by reading them back with `lookup`. A render that
+cannot read the cluster (helm template, Argo CD, helm install --dry-run=client, helm lint)
+gets nothing back and would make new random values on every render: passwords and API keys
+rotated silently. Such a render is told apart from a real install by two objects every
+namespace has (the ConfigMap kube-root-ca.crt and the ServiceAccount default, made by the
+control plane), and it fails, naming the Secrets to create instead.
+*/}}
+{{- define "school.assertClusterReadable" -}}
+{{- $namespace := .Release.Namespace -}}
+{{- $rootCa := lookup "v1" "ConfigMap" $namespace "kube-root-ca.crt" -}}
+{{- $account := lookup "v1" "ServiceAccount" $namespace "default" -}}
+{{- if not (or $rootCa $account) -}}
+{{- fail (printf "\n\nThis render cannot read the cluster (lookup finds neither ConfigMap kube-root-ca.crt nor ServiceAccount default in namespace %s: helm template, Argo CD, helm install --dry-run=client and helm lint cannot look up; neither can helm install --create-namespace into a namespace that does not exist yet). It would generate new random passwords and API keys on every render and so rotate them. Create these Secrets yourself (sealed, external, kubectl create secret ...) and name them in the values, or install with helm into an existing namespace, where they are generated once and kept:\n%s\n" $namespace (include "school.generatedSecrets" . | trim)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Custom resources are rendered only when the cluster serves their kind; otherwise the render
+fails naming the option and the missing API (helm template: pass --api-versions).
+Call with (dict "root" $ "option" "kong.enabled" "apis" (list "group/version/Kind") "what" "…").
+*/}}
+{{- define "school.requireApis" -}}
+{{- $missing := list -}}
+{{- range .apis -}}
+{{- if not ($.root.Capabilities.APIVersions.Has .) }}{{ $missing = append $missing . }}{{ end -}}
+{{- end -}}
+{{- with $missing -}}
+{{- fail (printf "\n\n%s is true, but the cluster serves no %s (the CRDs of %s). Install those CRDs first, or set %s=false. (helm template without a cluster: pass --api-versions %s.)\n" $.option (join ", " .) $.what $.option (join " --api-versions " .)) -}}
 {{- end -}}
 {{- end -}}
 
@@ -127,11 +199,11 @@ nats://{{ $fullname }}.{{ .Release.Namespace }}.svc:4222
 {{/* ---------------------------------------------------------------- secrets and URLs */}}
 
 {{- define "school.writeKeySecret" -}}
-{{- .Values.apiKeys.existingWriteSecret | default (printf "%s-write-key" (include "school.fullname" .)) -}}
+{{- .Values.apiKeys.existingWriteSecret | default (include "school.componentName" (dict "root" . "suffix" "write-key")) -}}
 {{- end -}}
 
 {{- define "school.readKeySecret" -}}
-{{- .Values.apiKeys.existingReadSecret | default (printf "%s-read-key" (include "school.fullname" .)) -}}
+{{- .Values.apiKeys.existingReadSecret | default (include "school.componentName" (dict "root" . "suffix" "read-key")) -}}
 {{- end -}}
 
 {{/* API_KEYS from the two key Secrets (Kubernetes expands $(VAR) from earlier entries). */}}
@@ -147,21 +219,21 @@ nats://{{ $fullname }}.{{ .Release.Namespace }}.svc:4222
 {{- end -}}
 
 {{- define "school.postgresql.fullname" -}}
-{{- printf "%s-postgresql" (include "school.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- include "school.componentName" (dict "root" . "suffix" "postgresql" "max" 52) -}}
 {{- end -}}
 {{- define "school.postgresql.secret" -}}
 {{- .Values.postgresql.auth.existingSecret | default (include "school.postgresql.fullname" .) -}}
 {{- end -}}
 
 {{- define "school.mongodb.fullname" -}}
-{{- printf "%s-mongodb" (include "school.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- include "school.componentName" (dict "root" . "suffix" "mongodb" "max" 52) -}}
 {{- end -}}
 {{- define "school.mongodb.secret" -}}
 {{- .Values.mongodb.auth.existingSecret | default (include "school.mongodb.fullname" .) -}}
 {{- end -}}
 
 {{- define "school.redis.fullname" -}}
-{{- printf "%s-redis" (include "school.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- include "school.componentName" (dict "root" . "suffix" "redis" "max" 52) -}}
 {{- end -}}
 {{- define "school.redis.secret" -}}
 {{- .Values.redis.auth.existingSecret | default (include "school.redis.fullname" .) -}}
