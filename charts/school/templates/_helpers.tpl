@@ -107,11 +107,15 @@ control plane), and it fails, naming the Secrets to create instead.
 Custom resources are rendered only when the cluster serves their kind; otherwise the render
 fails naming the option and the missing API (helm template: pass --api-versions).
 Call with (dict "root" $ "option" "kong.enabled" "apis" (list "group/version/Kind") "what" "…").
+A kind counts as served when its group/version/Kind is listed, or its group/version: Helm
+lists both from the cluster, but Argo CD passes helm template only the group/versions
+(argoproj/argo-cd#6268), and these groups come with their CRDs.
 */}}
 {{- define "school.requireApis" -}}
 {{- $missing := list -}}
 {{- range .apis -}}
-{{- if not ($.root.Capabilities.APIVersions.Has .) }}{{ $missing = append $missing . }}{{ end -}}
+{{- $groupVersion := regexReplaceAll "/[^/]+$" . "" -}}
+{{- if not (or ($.root.Capabilities.APIVersions.Has .) ($.root.Capabilities.APIVersions.Has $groupVersion)) }}{{ $missing = append $missing . }}{{ end -}}
 {{- end -}}
 {{- with $missing -}}
 {{- fail (printf "\n\n%s is true, but the cluster serves no %s (the CRDs of %s). Install those CRDs first, or set %s=false. (helm template without a cluster: pass --api-versions %s.)\n" $.option (join ", " .) $.what $.option (join " --api-versions " .)) -}}
