@@ -82,15 +82,125 @@ impl TryFrom<StoredCourse> for CourseDocument {
 
 impl From<mongodb::error::Error> for StoreError {
     fn from(error: mongodb::error::Error) -> Self {
-        match *error.kind {
-            ErrorKind::Write(_)
-            | ErrorKind::InvalidArgument { .. }
-            | ErrorKind::BsonDeserialization(_)
-            | ErrorKind::BsonSerialization(_) => StoreError::Refused(error.to_string()),
-            _ => StoreError::Unavailable(error.to_string()),
+        if is_transient_mongo(&error) {
+            StoreError::Unavailable(error.to_string())
+        } else {
+            StoreError::Refused(error.to_string())
         }
     }
 }
+
+/// Error labels with which the server or the driver marks an error as worth retrying
+/// (the driver's `mongodb::error` constants; the retryable-writes, transactions and
+/// backpressure specifications).
+const RETRY_LABELS: [&str; 4] = [
+    mongodb::error::RETRYABLE_WRITE_ERROR,
+    mongodb::error::TRANSIENT_TRANSACTION_ERROR,
+    mongodb::error::RETRYABLE_ERROR,
+    mongodb::error::SYSTEM_OVERLOADED_ERROR,
+];
+
+/// Whether a MongoDB error means "not now" (wait and retry the same batch) rather than
+/// "not these events" (dead-letter them after a few refusals). As for Postgres
+/// ([`crate::store::is_transient_sqlx`]), only errors about the documents' own data refuse.
+pub fn is_transient_mongo(error: &mongodb::error::Error) -> bool {
+    let labelled = RETRY_LABELS.iter().any(|label| error.contains_label(label));
+    is_transient_mongo_kind(&error.kind, labelled)
+}
+
+/// [`is_transient_mongo`] on the parts of an error: its kind, and whether it carries one of
+/// the retry labels (labels cannot be put on an error outside the driver, so tests pass
+/// them here).
+pub fn is_transient_mongo_kind(kind: &ErrorKind, labelled_retryable: bool) -> bool {
+    if labelled_retryable {
+        return true;
+    }
+    match kind {
+        // What we sent does not fit: the same events fail the same way.
+        ErrorKind::InvalidArgument { .. }
+        | ErrorKind::BsonDeserialization(_)
+        | ErrorKind::BsonSerialization(_) => false,
+        // The write was done on the primary but not replicated as asked (timeout, stepdown,
+        // unsatisfiable): nothing about the document; the versioned write is repeatable.
+        ErrorKind::Write(WriteFailure::WriteConcernError(_)) => true,
+        // A document's own write failed: duplicate key, validation, too large… unless the
+        // code says the node could not take writes then.
+        ErrorKind::Write(WriteFailure::WriteError(error)) => is_transient_mongo_code(error.code),
+        ErrorKind::InsertMany(error) => error
+            .write_errors
+            .iter()
+            .flatten()
+            .all(|e| is_transient_mongo_code(e.code)),
+        ErrorKind::BulkWrite(error) => error
+            .write_errors
+            .values()
+            .all(|e| is_transient_mongo_code(e.code)),
+        // A command failed as a whole: the node (not primary, shutting down, interrupted),
+        // the deployment or the credentials, which pass; a document's own data only for these.
+        ErrorKind::Command(error) => !REFUSED_COMMAND_CODES.contains(&error.code),
+        // Network, I/O, DNS, server selection, a cleared pool, authentication, a client shut
+        // down, an invalid reply, an internal driver error, and kinds a later driver adds.
+        _ => true,
+    }
+}
+
+/// Command error codes about a document's own data (MongoDB's `error_codes.yml`).
+const REFUSED_COMMAND_CODES: [i32; 3] = [
+    DUPLICATE_KEY, // DuplicateKey
+    121,           // DocumentValidationFailure
+    10334,         // BSONObjectTooLarge
+];
+
+/// Whether a server error code (of a write error in particular) says the node could not
+/// take the write then, rather than that it refuses the document.
+///
+/// The retryable-writes specification's codes (the driver's `RETRYABLE_READ_CODES`,
+/// `NOTWRITABLEPRIMARY_CODES`, `RECOVERING_CODES` in `mongodb::error`), the transactions
+/// specification's "unknown commit result" codes (50, 64), and codes of MongoDB's
+/// `error_codes.yml` in the `RetriableError`, `Interruption` and `SystemOverloadedError`
+/// categories or the counterparts of the Postgres conditions waited for (a lock timeout, a
+/// write conflict, a full disk).
+pub fn is_transient_mongo_code(code: i32) -> bool {
+    TRANSIENT_MONGO_CODES
+        .iter()
+        .any(|&(known, _)| known == code)
+}
+
+/// Codes of [`is_transient_mongo_code`], with their names in `error_codes.yml`.
+pub const TRANSIENT_MONGO_CODES: [(i32, &str); 32] = [
+    (6, "HostUnreachable"),
+    (7, "HostNotFound"),
+    (24, "LockTimeout"),
+    (50, "MaxTimeMSExpired"),
+    (63, "StaleShardVersion"),
+    (64, "WriteConcernFailed"),
+    (89, "NetworkTimeout"),
+    (91, "ShutdownInProgress"),
+    (112, "WriteConflict"),
+    (133, "FailedToSatisfyReadPreference"),
+    (134, "ReadConcernMajorityNotAvailableYet"),
+    (150, "StaleEpoch"),
+    (189, "PrimarySteppedDown"),
+    (202, "NetworkInterfaceExceededTimeLimit"),
+    (216, "ElectionInProgress"),
+    (237, "CursorKilled"),
+    (262, "ExceededTimeLimit"),
+    (279, "ClientDisconnect"),
+    (402, "ResourceExhausted"),
+    (433, "AdmissionQueueOverflow"),
+    (449, "RateLimitExceeded"),
+    (462, "IngressRequestRateLimitExceeded"),
+    (9001, "SocketException"),
+    (10058, "LegacyNotPrimary"),
+    (10107, "NotWritablePrimary"),
+    (11600, "InterruptedAtShutdown"),
+    (11601, "Interrupted"),
+    (11602, "InterruptedDueToReplStateChange"),
+    (13388, "StaleConfig"),
+    (13435, "NotPrimaryNoSecondaryOk"),
+    (13436, "NotPrimaryOrSecondary"),
+    (14031, "OutOfDiskSpace"),
+];
 
 #[derive(Clone)]
 pub struct MongoCourses {
