@@ -198,6 +198,7 @@ fn spawn_projection(world: &World, store: PgStudents) -> tokio::sync::watch::Sen
         batch_size: PROJECTOR_BATCH,
         cache: None,
         progress: Arc::new(ProjectionProgress::default()),
+        lease: projectors::lease::LeaseSettings::default(),
     };
     tokio::spawn(runner.run(async move {
         let _ = stopped.wait_for(|stop| *stop).await;

@@ -154,6 +154,12 @@ impl StreamNames {
     pub fn idempotency_bucket(&self) -> String {
         format!("{}-idempotency", self.prefix)
     }
+
+    /// KV bucket of the projections' leases (which projectors replica is active), one key
+    /// per projection.
+    pub fn projection_lease_bucket(&self) -> String {
+        format!("{}-projection-leases", self.prefix)
+    }
 }
 
 #[cfg(test)]

@@ -48,6 +48,7 @@ async fn measure<S: ProjectionStore>(broker: &TestBroker, store: S, events: usiz
         batch_size: 500,
         cache: None,
         progress: Arc::new(ProjectionProgress::default()),
+        lease: projectors::lease::LeaseSettings::default(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();

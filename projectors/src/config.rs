@@ -32,6 +32,15 @@ pub struct Config {
     /// Most events applied in one transaction.
     #[arg(long, env = "BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=5000))]
     pub batch_size: u16,
+    /// Active/standby: a standby takes a projection over when the active replica has not
+    /// renewed its lease for this long (milliseconds).
+    #[arg(long, env = "PROJECTION_LEASE_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(500..=60_000))]
+    pub projection_lease_ms: u64,
+    /// This replica's name in the projection leases (default: `HOSTNAME`, the pod name).
+    /// Two replicas must not share it; a restarted replica keeping it takes its leases
+    /// back without waiting for them to expire.
+    #[arg(long, env = "PROJECTOR_REPLICA_NAME")]
+    pub projector_replica_name: Option<String>,
     #[command(flatten)]
     pub nats: NatsArgs,
 }

@@ -24,6 +24,7 @@ use service_kit::metrics;
 use service_kit::trace::SpanContext;
 
 use crate::dead_letters::DeadLetters;
+use crate::lease::{HeldLease, LeaseSettings, Leases, RenewError, Watch};
 use crate::redis_cache::RedisInvalidator;
 use crate::store::{ProjectionStore, StoreError};
 
@@ -49,6 +50,8 @@ pub struct ProjectionRunner<S> {
     /// Deletes the query side's cache entries after each commit; `None` without Redis.
     pub cache: Option<Arc<RedisInvalidator>>,
     pub progress: Arc<ProjectionProgress>,
+    /// Active/standby timings: only the replica holding the projection's lease applies it.
+    pub lease: LeaseSettings,
 }
 
 /// Live figures of the projections, read by `/metrics` and `/readyz`.
@@ -61,9 +64,13 @@ pub struct ProjectionProgress {
 struct Figures {
     checkpoint: u64,
     pending: u64,
-    /// `None` while the projection is subscribed and consuming; otherwise why it is not
-    /// (for `/readyz`).
+    /// `None` while the projection is subscribed and consuming, or standing by for it;
+    /// otherwise why it is not (for `/readyz`).
     not_consuming: Option<String>,
+    /// Whether this replica holds the projection's lease.
+    active: bool,
+    /// This replica's name in the lease.
+    replica: String,
 }
 
 impl Default for Figures {
@@ -72,6 +79,8 @@ impl Default for Figures {
             checkpoint: 0,
             pending: 0,
             not_consuming: Some("not subscribed yet".to_owned()),
+            active: false,
+            replica: String::new(),
         }
     }
 }
@@ -95,6 +104,25 @@ impl ProjectionProgress {
                 .or_default()
                 .not_consuming = not_consuming;
         }
+    }
+
+    fn set_active(&self, projection: Projection, active: bool) {
+        if let Ok(mut figures) = self.figures.lock() {
+            figures.entry(projection.as_str()).or_default().active = active;
+        }
+    }
+
+    fn set_replica(&self, projection: Projection, replica: &str) {
+        if let Ok(mut figures) = self.figures.lock() {
+            figures.entry(projection.as_str()).or_default().replica = replica.to_owned();
+        }
+    }
+
+    /// Whether this replica is the active one for `projection` (not a standby).
+    pub fn is_active(&self, projection: Projection) -> bool {
+        self.figures
+            .lock()
+            .is_ok_and(|figures| figures.get(projection.as_str()).is_some_and(|f| f.active))
     }
 
     /// Whether `projection` is subscribed and consuming; `Err` says why not. A projection
@@ -135,6 +163,7 @@ impl ProjectionProgress {
     pub fn register_gauges(self: &Arc<Self>) {
         let lag = self.clone();
         let applied = self.clone();
+        let roles = self.clone();
         let meter = metrics::meter();
         // The instruments live as long as the meter provider; their handles can go.
         let _lag = meter
@@ -144,6 +173,23 @@ impl ProjectionProgress {
             .with_callback(move |observer| {
                 for (name, _, pending) in lag.snapshot() {
                     observer.observe(pending, &[KeyValue::new("projection", name)]);
+                }
+            })
+            .build();
+        let _active = meter
+            .u64_observable_gauge("projection.active")
+            .with_description("1 on the replica that applies the projection, 0 on a standby")
+            .with_callback(move |observer| {
+                if let Ok(figures) = roles.figures.lock() {
+                    for (name, f) in figures.iter() {
+                        observer.observe(
+                            u64::from(f.active),
+                            &[
+                                KeyValue::new("projection", *name),
+                                KeyValue::new("replica", f.replica.clone()),
+                            ],
+                        );
+                    }
                 }
             })
             .build();
@@ -161,6 +207,7 @@ impl ProjectionProgress {
 
 struct RunnerMetrics {
     applied: Counter<u64>,
+    takeovers: Counter<u64>,
     dead_letters: Counter<u64>,
     batch_size: Histogram<u64>,
     apply_duration: Histogram<f64>,
@@ -173,6 +220,10 @@ impl RunnerMetrics {
             applied: meter
                 .u64_counter("projection.events.applied")
                 .with_description("Events applied to the read model")
+                .build(),
+            takeovers: meter
+                .u64_counter("projection.takeovers")
+                .with_description("Times this replica became the active one for the projection")
                 .build(),
             dead_letters: meter
                 .u64_counter("projection.dead.letters")
@@ -196,8 +247,140 @@ impl RunnerMetrics {
 
 /// Why a subscription ended.
 enum SubscriptionEnd {
+    /// Shutdown, or the lease was lost (the caller tells which).
     ShutdownRequested,
     Failed(anyhow::Error),
+    /// The store refused a batch: another replica claimed the projection.
+    Fenced(String),
+}
+
+/// How standing by ended.
+enum Standby {
+    Acquired(HeldLease),
+    Shutdown,
+    Fatal(anyhow::Error),
+}
+
+/// Why a replica stopped being active.
+enum ActiveEnd {
+    Shutdown,
+    LeaseLost(String),
+    Fatal(anyhow::Error),
+}
+
+/// The lease of the active replica, renewed in the background until stopped or lost.
+struct ActiveLease {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Option<HeldLease>>,
+    /// `Some(reason)` once the lease is lost.
+    lost: tokio::sync::watch::Receiver<Option<String>>,
+}
+
+impl ActiveLease {
+    fn start(leases: Leases, mut lease: HeldLease) -> Self {
+        let (lost_tx, lost) = tokio::sync::watch::channel(None);
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(leases.settings.renew_every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return Some(lease),
+                    _ = tick.tick() => {}
+                }
+                match leases.renew(&mut lease).await {
+                    Ok(()) => {}
+                    Err(RenewError::Lost(reason)) => {
+                        let _ = lost_tx.send(Some(reason));
+                        return None;
+                    }
+                    Err(RenewError::Unreachable(error)) if leases.expired_for_holder(&lease) => {
+                        let _ = lost_tx.send(Some(format!(
+                            "the lease could not be renewed in time: {error}"
+                        )));
+                        // Still ours in the bucket, maybe: standing by, this replica takes
+                        // it back at once if nobody else has (see `try_acquire`).
+                        return None;
+                    }
+                    Err(RenewError::Unreachable(error)) => {
+                        tracing::warn!(%error, "renewing the projection lease failed; retrying");
+                    }
+                }
+            }
+        });
+        ActiveLease {
+            stop: Some(stop),
+            task,
+            lost,
+        }
+    }
+
+    fn lost(&self) -> Option<String> {
+        self.lost.borrow().clone()
+    }
+
+    /// Stops renewing; the lease if it is still held.
+    async fn stop(&mut self) -> Option<HeldLease> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.ok().flatten()
+    }
+}
+
+/// What would make a subscription skip events without noticing: a delivery that never
+/// arrived (a jump in the consumer sequence, e.g. in flight during a reconnect, later acked
+/// by the ack-all of a newer one) or a reconnect of the client. Either ends the
+/// subscription, and the next one starts from the checkpoint.
+struct Continuity {
+    statistics: Arc<async_nats::Statistics>,
+    connects: u64,
+    next_delivery: Option<u64>,
+}
+
+impl Continuity {
+    fn new(statistics: Arc<async_nats::Statistics>) -> Self {
+        let connects = statistics
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed);
+        Continuity {
+            statistics,
+            connects,
+            next_delivery: None,
+        }
+    }
+
+    /// Whether `delivered` is the delivery after the previous one.
+    fn follows(&mut self, delivered: &Delivered) -> Result<(), anyhow::Error> {
+        let Ok(position) = &delivered.position else {
+            return Ok(()); // refused when its batch is processed
+        };
+        if let Some(expected) = self.next_delivery
+            && position.consumer_sequence != expected
+        {
+            return Err(anyhow::anyhow!(
+                "delivery gap: consumer sequence {} arrived where {expected} was next",
+                position.consumer_sequence
+            ));
+        }
+        self.next_delivery = Some(position.consumer_sequence + 1);
+        Ok(())
+    }
+
+    fn same_connection(&self) -> Result<(), anyhow::Error> {
+        let connects = self
+            .statistics
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if connects == self.connects {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!(
+                "the NATS connection was re-established during the subscription"
+            ))
+        }
+    }
 }
 
 type Shutdown<'a, F> = std::pin::Pin<&'a mut F>;
@@ -263,8 +446,10 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         [KeyValue::new("projection", self.projection().as_str())]
     }
 
-    /// Runs the projection until `shutdown` completes. A batch in flight then is finished
-    /// (committed and acked) first.
+    /// Runs the projection until `shutdown` completes: standby until this replica holds the
+    /// projection's lease, then active (claims the store for the lease's token, consumes)
+    /// until the lease is lost, then standby again. A batch in flight at shutdown is
+    /// finished (committed and acked) first, and the lease released.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         let projection = self.projection();
         let metrics = RunnerMetrics::new();
@@ -278,44 +463,78 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                 ],
             );
         }
+        metrics.takeovers.add(0, &self.labels());
+        let leases = Leases::new(
+            self.jetstream.clone(),
+            self.names.projection_lease_bucket(),
+            self.lease
+                .replica
+                .clone()
+                .unwrap_or_else(Leases::default_replica_name),
+            self.lease.clone(),
+        );
+        self.progress.set_replica(projection, &leases.holder);
         tokio::pin!(shutdown);
-        let mut retry_delay = FIRST_RESUBSCRIBE_DELAY;
         let result = loop {
-            // A server too old to reset consumers can never be consumed from correctly:
-            // stop (the process exits non-zero) instead of retrying forever while ready.
-            if let Err(line) = service_kit::nats::check_connected_server(&self.jetstream.client()) {
-                self.progress.set_consuming(projection, Some(line.clone()));
-                tracing::error!(projection = projection.as_str(), "{line}");
-                break Err(anyhow::anyhow!(line));
-            }
-            let subscription = tokio::select! {
-                () = &mut shutdown => break Ok(()),
-                result = self.subscribe() => result,
+            let lease = match self.stand_by(&leases, &mut shutdown).await {
+                Standby::Acquired(lease) => lease,
+                Standby::Shutdown => break Ok(()),
+                Standby::Fatal(error) => break Err(error),
             };
-            let end = match subscription {
-                Ok((messages, acks)) => {
-                    self.progress.set_consuming(projection, None);
-                    retry_delay = FIRST_RESUBSCRIBE_DELAY;
-                    self.consume(messages, acks, &metrics, &mut shutdown).await
+            let token = lease.token;
+            // Recorded with the checkpoint: from now on a batch of an older token fails.
+            let claimed = tokio::select! {
+                () = &mut shutdown => Err(StoreError::Unavailable("shutting down".into())),
+                claimed = self.store.claim(token) => claimed,
+            };
+            if let Err(error) = claimed {
+                tracing::warn!(%error, projection = projection.as_str(), token, "claiming the read model failed; standing by");
+                leases.release(lease).await;
+                self.progress.set_consuming(
+                    projection,
+                    Some(format!("claiming the read model: {error}")),
+                );
+                tokio::select! {
+                    () = &mut shutdown => break Ok(()),
+                    () = tokio::time::sleep(RETRY_DELAY) => {}
                 }
-                Err(error) => SubscriptionEnd::Failed(error),
-            };
+                continue;
+            }
+            metrics.takeovers.add(1, &self.labels());
+            self.progress.set_active(projection, true);
+            tracing::info!(
+                projection = projection.as_str(),
+                token,
+                replica = leases.holder,
+                "active"
+            );
+            let mut active = ActiveLease::start(leases.clone(), lease);
+            let end = self.run_active(&mut active, &metrics, &mut shutdown).await;
+            self.progress.set_active(projection, false);
+            let lease = active.stop().await;
             match end {
-                SubscriptionEnd::ShutdownRequested => break Ok(()),
-                SubscriptionEnd::Failed(error) => {
-                    let error = format!("{error:#}");
-                    tracing::warn!(
-                        %error,
-                        projection = projection.as_str(),
-                        retry_in_ms = retry_delay.as_millis() as u64,
-                        "subscription failed; resubscribing from the checkpoint"
-                    );
-                    self.progress.set_consuming(projection, Some(error));
-                    tokio::select! {
-                        () = &mut shutdown => break Ok(()),
-                        () = tokio::time::sleep(retry_delay) => {}
+                ActiveEnd::Shutdown => {
+                    if let Some(lease) = lease {
+                        leases.release(lease).await;
                     }
-                    retry_delay = (retry_delay * 2).min(MAX_RESUBSCRIBE_DELAY);
+                    break Ok(());
+                }
+                ActiveEnd::LeaseLost(reason) => {
+                    tracing::warn!(
+                        projection = projection.as_str(),
+                        token,
+                        reason,
+                        "no longer active; standing by"
+                    );
+                    if let Some(lease) = lease {
+                        leases.release(lease).await;
+                    }
+                }
+                ActiveEnd::Fatal(error) => {
+                    if let Some(lease) = lease {
+                        leases.release(lease).await;
+                    }
+                    break Err(error);
                 }
             }
         };
@@ -325,9 +544,130 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         result
     }
 
-    /// Resets the durable consumer to just after the checkpoint and opens a message stream.
-    async fn subscribe(&self) -> anyhow::Result<(MessageStream, Acks)> {
+    /// Waits until this replica holds the projection's lease. Standing by counts as ready;
+    /// a bucket that cannot be read does not.
+    async fn stand_by<F: std::future::Future<Output = ()>>(
+        &self,
+        leases: &Leases,
+        shutdown: &mut Shutdown<'_, F>,
+    ) -> Standby {
         let projection = self.projection();
+        let mut watch = Watch::default();
+        let mut retry_delay = FIRST_RESUBSCRIBE_DELAY;
+        loop {
+            // A server too old to reset consumers can never be consumed from correctly:
+            // stop (the process exits non-zero) instead of retrying forever while ready.
+            if let Err(line) = service_kit::nats::check_connected_server(&self.jetstream.client()) {
+                self.progress.set_consuming(projection, Some(line.clone()));
+                tracing::error!(projection = projection.as_str(), "{line}");
+                return Standby::Fatal(anyhow::anyhow!(line));
+            }
+            let attempt = tokio::select! {
+                () = shutdown.as_mut() => return Standby::Shutdown,
+                attempt = leases.try_acquire(projection, &mut watch) => attempt,
+            };
+            let pause = match attempt {
+                Ok(Some(lease)) => return Standby::Acquired(lease),
+                Ok(None) => {
+                    self.progress.set_consuming(projection, None);
+                    retry_delay = FIRST_RESUBSCRIBE_DELAY;
+                    leases.settings.poll_every
+                }
+                Err(error) => {
+                    let error = format!("{error:#}");
+                    tracing::warn!(%error, projection = projection.as_str(), "reading the projection lease failed");
+                    self.progress.set_consuming(projection, Some(error));
+                    let pause = retry_delay;
+                    retry_delay = (retry_delay * 2).min(MAX_RESUBSCRIBE_DELAY);
+                    pause
+                }
+            };
+            tokio::select! {
+                () = shutdown.as_mut() => return Standby::Shutdown,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// Consumes while this replica holds the lease, resubscribing from the checkpoint after
+    /// every failure.
+    async fn run_active<F: std::future::Future<Output = ()>>(
+        &self,
+        active: &mut ActiveLease,
+        metrics: &RunnerMetrics,
+        shutdown: &mut Shutdown<'_, F>,
+    ) -> ActiveEnd {
+        let projection = self.projection();
+        let mut retry_delay = FIRST_RESUBSCRIBE_DELAY;
+        loop {
+            if let Some(reason) = active.lost() {
+                return ActiveEnd::LeaseLost(reason);
+            }
+            // After a reconnect the server may be another one (a rolling up- or downgrade).
+            if let Err(line) = service_kit::nats::check_connected_server(&self.jetstream.client()) {
+                self.progress.set_consuming(projection, Some(line.clone()));
+                tracing::error!(projection = projection.as_str(), "{line}");
+                return ActiveEnd::Fatal(anyhow::anyhow!(line));
+            }
+            let subscription = {
+                // Stops at shutdown, or as soon as the lease is lost.
+                let mut lost = active.lost.clone();
+                let stop = async {
+                    tokio::select! {
+                        () = shutdown.as_mut() => {}
+                        _ = lost.wait_for(Option::is_some) => {}
+                    }
+                };
+                tokio::pin!(stop);
+                let subscribed = tokio::select! {
+                    () = &mut stop => None,
+                    result = self.subscribe() => Some(result),
+                };
+                match subscribed {
+                    None => SubscriptionEnd::ShutdownRequested,
+                    Some(Ok((messages, acks, continuity))) => {
+                        self.progress.set_consuming(projection, None);
+                        retry_delay = FIRST_RESUBSCRIBE_DELAY;
+                        self.consume(messages, acks, continuity, metrics, &mut stop)
+                            .await
+                    }
+                    Some(Err(error)) => SubscriptionEnd::Failed(error),
+                }
+            };
+            match subscription {
+                SubscriptionEnd::ShutdownRequested => {
+                    return match active.lost() {
+                        Some(reason) => ActiveEnd::LeaseLost(reason),
+                        None => ActiveEnd::Shutdown,
+                    };
+                }
+                SubscriptionEnd::Fenced(reason) => return ActiveEnd::LeaseLost(reason),
+                SubscriptionEnd::Failed(error) => {
+                    let error = format!("{error:#}");
+                    tracing::warn!(
+                        %error,
+                        projection = projection.as_str(),
+                        retry_in_ms = retry_delay.as_millis() as u64,
+                        "subscription failed; resubscribing from the checkpoint"
+                    );
+                    self.progress.set_consuming(projection, Some(error));
+                    let mut lost = active.lost.clone();
+                    tokio::select! {
+                        () = shutdown.as_mut() => return ActiveEnd::Shutdown,
+                        _ = lost.wait_for(Option::is_some) => {}
+                        () = tokio::time::sleep(retry_delay) => {}
+                    }
+                    retry_delay = (retry_delay * 2).min(MAX_RESUBSCRIBE_DELAY);
+                }
+            }
+        }
+    }
+
+    /// Resets the durable consumer to just after the checkpoint and opens a message stream.
+    async fn subscribe(&self) -> anyhow::Result<(MessageStream, Acks, Continuity)> {
+        let projection = self.projection();
+        // Taken before the reset: a reconnect from here on ends the subscription.
+        let continuity = Continuity::new(self.jetstream.client().statistics());
         let consumer_name = self.names.projection_consumer(projection);
         let checkpoint = self.store.checkpoint().await?;
         self.progress.record(projection, checkpoint, 0);
@@ -360,13 +700,14 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             .messages()
             .await?;
         tracing::info!(projection = projection.as_str(), checkpoint, "subscribed");
-        Ok((messages, acks))
+        Ok((messages, acks, continuity))
     }
 
     async fn consume<F: std::future::Future<Output = ()>>(
         &self,
         mut messages: MessageStream,
         acks: Acks,
+        mut continuity: Continuity,
         metrics: &RunnerMetrics,
         shutdown: &mut Shutdown<'_, F>,
     ) -> SubscriptionEnd {
@@ -383,7 +724,13 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                     next = messages.next() => next,
                 };
                 match first {
-                    Some(Ok(message)) => batch.push(Delivered::decode(message)),
+                    Some(Ok(message)) => {
+                        let delivered = Delivered::decode(message);
+                        if let Err(gap) = continuity.follows(&delivered) {
+                            return SubscriptionEnd::Failed(gap);
+                        }
+                        batch.push(delivered);
+                    }
                     Some(Err(error)) => return SubscriptionEnd::Failed(error.into()),
                     None => {
                         return SubscriptionEnd::Failed(anyhow::anyhow!("message stream ended"));
@@ -406,10 +753,22 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                     None => break,
                 };
                 match next {
-                    Some(Ok(message)) => batch.push(Delivered::decode(message)),
+                    Some(Ok(message)) => {
+                        let delivered = Delivered::decode(message);
+                        if let Err(gap) = continuity.follows(&delivered) {
+                            return SubscriptionEnd::Failed(gap);
+                        }
+                        batch.push(delivered);
+                    }
                     Some(Err(error)) => return SubscriptionEnd::Failed(error.into()),
                     None => break,
                 }
+            }
+            // A reconnect can lose deliveries that were in flight; the next ones would then
+            // ack them (ack all) and the checkpoint would skip them. Start over from the
+            // checkpoint instead (this batch is redelivered).
+            if let Err(reconnected) = continuity.same_connection() {
+                return SubscriptionEnd::Failed(reconnected);
             }
             // Apply the batch while the next one arrives. Messages still only count once
             // their batch commits; any left here at a failure or shutdown are redelivered
@@ -425,7 +784,13 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                         if arrived.len() < self.batch_size && stream_failed.is_none() =>
                     {
                         match next {
-                            Some(Ok(message)) => arrived.push(Delivered::decode(message)),
+                            Some(Ok(message)) => {
+                                let delivered = Delivered::decode(message);
+                                match continuity.follows(&delivered) {
+                                    Ok(()) => arrived.push(delivered),
+                                    Err(gap) => stream_failed = Some(gap),
+                                }
+                            }
                             Some(Err(error)) => stream_failed = Some(error.into()),
                             None => stream_failed = Some(anyhow::anyhow!("message stream ended")),
                         }
@@ -496,7 +861,8 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                 self.observe_applied(&decoded, started_at);
                 applied
             }
-            Err(Isolate(_)) => {
+            Err(Unapplied::Fenced(reason)) => return Err(SubscriptionEnd::Fenced(reason)),
+            Err(Unapplied::Isolate(_)) => {
                 let by_sequence: HashMap<u64, &Message> = delivered
                     .iter()
                     .map(|&(sequence, index)| (sequence, &batch[index].message))
@@ -524,10 +890,15 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         self.progress
             .record(self.projection(), last_sequence, pending);
         // Ack only after commit. A lost ack only means a redelivery that the checkpoint skips.
-        let to_ack = match acks {
-            // The last delivered message of the batch acks every earlier delivery.
-            Acks::LastOfBatch => &batch[batch.len().saturating_sub(1)..],
-            Acks::EachMessage => &batch[..],
+        let to_ack: Vec<&Delivered> = match acks {
+            // The message of the batch's highest stream sequence acks every one below it (a
+            // redelivered copy can be the batch's last delivery with a lower sequence).
+            Acks::LastOfBatch => delivered
+                .last()
+                .map(|&(_, index)| &batch[index])
+                .into_iter()
+                .collect(),
+            Acks::EachMessage => batch.iter().collect(),
         };
         for Delivered { message, .. } in to_ack {
             if let Err(error) = message.ack().await {
@@ -550,11 +921,12 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         through: u64,
         batch: &[Delivered],
         shutdown: &mut Shutdown<'_, F>,
-    ) -> Result<Option<usize>, Isolate> {
+    ) -> Result<Option<usize>, Unapplied> {
         let mut refusals = 0;
         loop {
             match self.store.apply_batch(decoded, through).await {
                 Ok(outcome) => return Ok(Some(outcome.applied)),
+                Err(StoreError::Fenced(reason)) => return Err(Unapplied::Fenced(reason)),
                 Err(StoreError::Refused(reason)) => {
                     refusals += 1;
                     tracing::error!(
@@ -564,7 +936,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                         "the read model refused the batch"
                     );
                     if refusals >= MAX_REFUSALS {
-                        return Err(Isolate(reason));
+                        return Err(Unapplied::Isolate(reason));
                     }
                 }
                 Err(StoreError::Unavailable(reason)) => {
@@ -612,7 +984,8 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                     applied += count;
                 }
                 Ok(None) => return Ok(None),
-                Err(Isolate(reason)) => {
+                Err(Unapplied::Fenced(reason)) => return Err(SubscriptionEnd::Fenced(reason)),
+                Err(Unapplied::Isolate(reason)) => {
                     let Some(message) = by_sequence.get(sequence) else {
                         continue;
                     };
@@ -638,7 +1011,10 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                     {
                         Ok(Some(_)) => {}
                         Ok(None) => return Ok(None),
-                        Err(Isolate(_)) => {
+                        Err(Unapplied::Fenced(reason)) => {
+                            return Err(SubscriptionEnd::Fenced(reason));
+                        }
+                        Err(Unapplied::Isolate(_)) => {
                             return Err(SubscriptionEnd::Failed(anyhow::anyhow!(
                                 "the read model refuses to move its checkpoint"
                             )));
@@ -649,7 +1025,8 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         }
         match self.apply_with_retries(&[], through, batch, shutdown).await {
             Ok(result) => Ok(result.map(|_| applied)),
-            Err(Isolate(_)) => Err(SubscriptionEnd::Failed(anyhow::anyhow!(
+            Err(Unapplied::Fenced(reason)) => Err(SubscriptionEnd::Fenced(reason)),
+            Err(Unapplied::Isolate(_)) => Err(SubscriptionEnd::Failed(anyhow::anyhow!(
                 "the read model refuses to move its checkpoint"
             ))),
         }
@@ -680,6 +1057,9 @@ struct Delivered {
 /// Where a delivered message stands in its stream and consumer.
 struct Position {
     stream_sequence: u64,
+    /// The delivery's number in the consumer: one more for every delivery, redeliveries
+    /// included, so a jump means a delivery that never arrived.
+    consumer_sequence: u64,
     /// Messages of the consumer still waiting after this one.
     pending: u64,
 }
@@ -690,6 +1070,7 @@ impl Delivered {
             .info()
             .map(|info| Position {
                 stream_sequence: info.stream_sequence,
+                consumer_sequence: info.consumer_sequence,
                 pending: info.pending,
             })
             .map_err(|e| e.to_string());
@@ -711,8 +1092,13 @@ enum Acks {
     EachMessage,
 }
 
-/// A batch refused too often (with the last reason): apply it event by event.
-struct Isolate(String);
+/// Why a batch was not applied.
+enum Unapplied {
+    /// Refused too often (with the last reason): apply it event by event.
+    Isolate(String),
+    /// Another replica claimed the projection: stop applying.
+    Fenced(String),
+}
 
 /// A batch's messages, each stream sequence once, in stream order.
 ///

@@ -131,4 +131,11 @@ impl ProjectionStore for CourseStore {
             CourseStore::Mongo(store) => store.ping().await,
         }
     }
+
+    async fn claim(&self, token: u64) -> Result<(), StoreError> {
+        match self {
+            CourseStore::Postgres(store) => store.claim(token).await,
+            CourseStore::Mongo(store) => store.claim(token).await,
+        }
+    }
 }

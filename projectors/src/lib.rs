@@ -8,6 +8,7 @@ pub mod course_store;
 pub mod dead_letters;
 pub mod generation;
 pub mod in_memory_batch;
+pub mod lease;
 pub mod mongo_courses;
 pub mod pg_courses;
 pub mod pg_students;

@@ -64,6 +64,12 @@ async fn main() -> anyhow::Result<()> {
     let health = tokio::spawn(async move { health.await });
 
     let batch_size = usize::from(config.batch_size);
+    let lease = projectors::lease::LeaseSettings {
+        replica: config.projector_replica_name.clone(),
+        ..projectors::lease::LeaseSettings::with_ttl(std::time::Duration::from_millis(
+            config.projection_lease_ms,
+        ))
+    };
     let students_runner = ProjectionRunner {
         jetstream: jetstream.clone(),
         names: config.stream_prefix.clone(),
@@ -71,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
         batch_size,
         cache: cache("students")?,
         progress: progress.clone(),
+        lease: lease.clone(),
     };
     let courses_runner = ProjectionRunner {
         jetstream,
@@ -79,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
         batch_size,
         cache: cache("courses")?,
         progress,
+        lease,
     };
     tracing::info!(addr = %config.listen_addr, "projectors running");
     let mut students_task = tokio::spawn(students_runner.run(stopped(stop_rx.clone())));

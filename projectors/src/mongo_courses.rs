@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::course_document::{self, CourseDocument};
-use crate::store::{BatchOutcome, ProjectionStore, StoreError};
+use crate::pg_students::fenced;
+use crate::store::{BatchOutcome, FenceToken, ProjectionStore, StoreError};
 
 const PROJECTION: Projection = Projection::Courses;
 /// MongoDB's duplicate-key error: an upsert lost to a newer stored version.
@@ -40,6 +41,9 @@ struct StoredCheckpoint {
     #[serde(rename = "_id")]
     projection: String,
     last_sequence: i64,
+    /// The lease token of the replica that last claimed the projection (fencing).
+    #[serde(default)]
+    fence: i64,
 }
 
 impl From<&CourseDocument> for StoredCourse {
@@ -207,6 +211,7 @@ pub struct MongoCourses {
     database: Database,
     courses: Collection<StoredCourse>,
     checkpoints: Collection<StoredCheckpoint>,
+    fence: FenceToken,
 }
 
 impl MongoCourses {
@@ -229,6 +234,7 @@ impl MongoCourses {
             checkpoints: database.collection("projection_checkpoints"),
             courses,
             database,
+            fence: FenceToken::default(),
         })
     }
 
@@ -282,11 +288,7 @@ impl ProjectionStore for MongoCourses {
     }
 
     async fn checkpoint(&self) -> Result<u64, StoreError> {
-        let stored = self
-            .checkpoints
-            .find_one(doc! { "_id": PROJECTION.as_str() })
-            .await?;
-        Ok(stored.map_or(0, |c| u64::try_from(c.last_sequence).unwrap_or(0)))
+        Ok(self.stored_checkpoint().await?.0)
     }
 
     async fn apply_batch(
@@ -294,7 +296,16 @@ impl ProjectionStore for MongoCourses {
         batch: &[(u64, Event)],
         through_sequence: u64,
     ) -> Result<BatchOutcome, StoreError> {
-        let checkpoint = ProjectionStore::checkpoint(self).await?;
+        // Fencing without transactions: a replica whose token is older than the recorded one
+        // stops here, before any document write, and the checkpoint update below is
+        // conditional on the token too. A replica fenced between the two has written only
+        // documents guarded by their versions: the state the live replica writes for the
+        // same events, never an older one.
+        let token = self.fence.get();
+        let (checkpoint, recorded) = self.stored_checkpoint().await?;
+        if recorded > token {
+            return Err(fenced(recorded, token));
+        }
         let fresh: Vec<&(u64, Event)> = batch.iter().filter(|(seq, _)| *seq > checkpoint).collect();
         let mut outcome = BatchOutcome {
             applied: fresh.len(),
@@ -359,20 +370,87 @@ impl ProjectionStore for MongoCourses {
         }
         if through_sequence > checkpoint {
             outcome.checkpoint = through_sequence;
-            self.checkpoints
+            let written = self
+                .checkpoints
                 .update_one(
-                    doc! { "_id": PROJECTION.as_str() },
-                    doc! { "$max": { "last_sequence": i64::try_from(through_sequence).unwrap_or(i64::MAX) } },
+                    checkpoint_fenced_at_most(token),
+                    doc! {
+                        "$max": { "last_sequence": to_db(through_sequence) },
+                        "$set": { "fence": to_db(token) },
+                    },
                 )
                 .upsert(true)
-                .await?;
+                .await;
+            match written {
+                Ok(_) => {}
+                // The filter missed an existing checkpoint: it records a newer token.
+                Err(error) if is_duplicate_key(&error) => {
+                    let (_, recorded) = self.stored_checkpoint().await?;
+                    return Err(fenced(recorded, token));
+                }
+                Err(error) => return Err(error.into()),
+            }
         }
         Ok(outcome)
+    }
+
+    async fn claim(&self, token: u64) -> Result<(), StoreError> {
+        let claimed = self
+            .checkpoints
+            .update_one(
+                checkpoint_fenced_at_most(token),
+                doc! {
+                    "$set": { "fence": to_db(token) },
+                    "$setOnInsert": { "last_sequence": 0_i64 },
+                },
+            )
+            .upsert(true)
+            .await;
+        match claimed {
+            Ok(_) => {
+                self.fence.set(token);
+                Ok(())
+            }
+            Err(error) if is_duplicate_key(&error) => {
+                let (_, recorded) = self.stored_checkpoint().await?;
+                Err(fenced(recorded, token))
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.database.run_command(doc! { "ping": 1 }).await?;
         Ok(())
+    }
+}
+
+/// The checkpoint document, if the token it records is at most `token` (a checkpoint
+/// written before fencing existed records none).
+fn checkpoint_fenced_at_most(token: u64) -> mongodb::bson::Document {
+    doc! {
+        "_id": PROJECTION.as_str(),
+        "$or": [ { "fence": { "$lte": to_db(token) } }, { "fence": { "$exists": false } } ],
+    }
+}
+
+fn to_db(sequence: u64) -> i64 {
+    i64::try_from(sequence).unwrap_or(i64::MAX)
+}
+
+impl MongoCourses {
+    /// `(checkpoint, recorded lease token)`; `(0, 0)` before the first batch.
+    async fn stored_checkpoint(&self) -> Result<(u64, u64), StoreError> {
+        let stored = self
+            .checkpoints
+            .find_one(doc! { "_id": PROJECTION.as_str() })
+            .await?;
+        Ok(stored.map_or((0, 0), |c| {
+            (
+                u64::try_from(c.last_sequence).unwrap_or(0),
+                u64::try_from(c.fence).unwrap_or(0),
+            )
+        }))
     }
 }
 

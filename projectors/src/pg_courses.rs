@@ -12,9 +12,10 @@ use uuid::Uuid;
 use crate::course_document::{self, CourseDocument};
 use crate::generation::Generation;
 use crate::pg_students::{
-    advance_checkpoint, begin_batch, lock_checkpoint, read_checkpoint, sequence_to_db, writer_pool,
+    advance_checkpoint, begin_batch, claim_checkpoint, lock_checkpoint, read_checkpoint,
+    sequence_to_db, writer_pool,
 };
-use crate::store::{BatchOutcome, ProjectionStore, StoreError};
+use crate::store::{BatchOutcome, FenceToken, ProjectionStore, StoreError};
 
 const PROJECTION: Projection = Projection::Courses;
 
@@ -22,6 +23,7 @@ const PROJECTION: Projection = Projection::Courses;
 pub struct PgCourses {
     pool: PgPool,
     sql: Arc<Statements>,
+    fence: FenceToken,
 }
 
 /// The statements of one generation (table names are ours, never input).
@@ -75,6 +77,7 @@ impl PgCourses {
         PgCourses {
             pool,
             sql: Arc::new(Statements::new(Generation::Live)),
+            fence: FenceToken::default(),
         }
     }
 
@@ -83,6 +86,7 @@ impl PgCourses {
         PgCourses {
             pool: self.pool.clone(),
             sql: Arc::new(Statements::new(generation)),
+            fence: FenceToken::default(),
         }
     }
 
@@ -222,8 +226,13 @@ impl ProjectionStore for PgCourses {
     ) -> Result<BatchOutcome, StoreError> {
         let mut tx = begin_batch(&self.pool).await?;
         let mut outcome = BatchOutcome {
-            checkpoint: advance_checkpoint(&mut tx, &self.sql.checkpoint_key, through_sequence)
-                .await?,
+            checkpoint: advance_checkpoint(
+                &mut tx,
+                &self.sql.checkpoint_key,
+                through_sequence,
+                self.fence.get(),
+            )
+            .await?,
             ..BatchOutcome::default()
         };
         let fresh: Vec<&(u64, Event)> = batch
@@ -251,5 +260,9 @@ impl ProjectionStore for PgCourses {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn claim(&self, token: u64) -> Result<(), StoreError> {
+        claim_checkpoint(&self.pool, &self.sql.checkpoint_key, token, &self.fence).await
     }
 }

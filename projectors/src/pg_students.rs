@@ -10,7 +10,7 @@ use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::generation::Generation;
-use crate::store::{BatchOutcome, ProjectionStore, StoreError};
+use crate::store::{BatchOutcome, FenceToken, ProjectionStore, StoreError};
 use crate::student_fold::{self, StudentRow, Touched, Writes};
 
 /// Applies batches of student events, each batch in one transaction with its checkpoint.
@@ -18,6 +18,7 @@ use crate::student_fold::{self, StudentRow, Touched, Writes};
 pub struct PgStudents {
     pool: PgPool,
     sql: Arc<Statements>,
+    fence: FenceToken,
 }
 
 const PROJECTION: Projection = Projection::Students;
@@ -95,6 +96,7 @@ impl PgStudents {
         Ok(PgStudents {
             pool,
             sql: Arc::new(Statements::new(Generation::Live)),
+            fence: FenceToken::default(),
         })
     }
 
@@ -103,6 +105,7 @@ impl PgStudents {
         PgStudents {
             pool: self.pool.clone(),
             sql: Arc::new(Statements::new(generation)),
+            fence: FenceToken::default(),
         }
     }
 
@@ -126,7 +129,7 @@ impl PgStudents {
         &self,
         batch: &[(u64, Event)],
         through_sequence: u64,
-    ) -> Result<BatchOutcome, sqlx::Error> {
+    ) -> Result<BatchOutcome, StoreError> {
         match self
             .apply_in_transaction(batch, through_sequence, Loads::AllButRegistered)
             .await?
@@ -148,11 +151,16 @@ impl PgStudents {
         batch: &[(u64, Event)],
         through_sequence: u64,
         loads: Loads,
-    ) -> Result<Option<BatchOutcome>, sqlx::Error> {
+    ) -> Result<Option<BatchOutcome>, StoreError> {
         let mut tx = begin_batch(&self.pool).await?;
         let mut outcome = BatchOutcome {
-            checkpoint: advance_checkpoint(&mut tx, &self.sql.checkpoint_key, through_sequence)
-                .await?,
+            checkpoint: advance_checkpoint(
+                &mut tx,
+                &self.sql.checkpoint_key,
+                through_sequence,
+                self.fence.get(),
+            )
+            .await?,
             ..BatchOutcome::default()
         };
         let fresh: Vec<&(u64, Event)> = batch
@@ -406,12 +414,16 @@ impl ProjectionStore for PgStudents {
         batch: &[(u64, Event)],
         through_sequence: u64,
     ) -> Result<BatchOutcome, StoreError> {
-        Ok(PgStudents::apply_batch(self, batch, through_sequence).await?)
+        PgStudents::apply_batch(self, batch, through_sequence).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn claim(&self, token: u64) -> Result<(), StoreError> {
+        claim_checkpoint(&self.pool, &self.sql.checkpoint_key, token, &self.fence).await
     }
 }
 
@@ -438,6 +450,41 @@ pub fn writer_pool() -> sqlx::postgres::PgPoolOptions {
         .test_before_acquire(false)
 }
 
+/// Claims the checkpoint row under `key` for lease token `token` (see
+/// [`ProjectionStore::claim`]) and makes `fence` write with it.
+pub(crate) async fn claim_checkpoint(
+    pool: &PgPool,
+    key: &str,
+    token: u64,
+    fence: &FenceToken,
+) -> Result<(), StoreError> {
+    // Waits for the row lock of a batch still open (a paused replica's: the server ends its
+    // transaction after 3 s idle, see `begin_batch`), so no batch of an older token commits
+    // after this claim.
+    let recorded: i64 = sqlx::query_scalar(
+        "INSERT INTO projection_checkpoints (projection, last_sequence, fence) VALUES ($1, 0, $2)
+         ON CONFLICT (projection) DO UPDATE
+         SET fence = GREATEST(projection_checkpoints.fence, EXCLUDED.fence)
+         RETURNING fence",
+    )
+    .bind(key)
+    .bind(sequence_to_db(token))
+    .fetch_one(pool)
+    .await?;
+    let recorded = sequence_from_db(recorded);
+    if recorded > token {
+        return Err(fenced(recorded, token));
+    }
+    fence.set(token);
+    Ok(())
+}
+
+pub(crate) fn fenced(recorded: u64, token: u64) -> StoreError {
+    StoreError::Fenced(format!(
+        "the projection was claimed with lease token {recorded}, newer than this replica's {token}"
+    ))
+}
+
 /// Starts a batch transaction whose statements are planned for their actual arguments.
 ///
 /// sqlx prepares each statement once per connection, and after five runs Postgres may keep
@@ -449,9 +496,18 @@ pub fn writer_pool() -> sqlx::postgres::PgPoolOptions {
 pub(crate) async fn begin_batch(
     pool: &PgPool,
 ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-    // One round trip: both statements go as one simple query.
-    pool.begin_with("BEGIN; SET LOCAL plan_cache_mode = force_custom_plan")
-        .await
+    // One round trip: the statements go as one simple query.
+    //
+    // A batch may sit idle in its transaction at most 3 s before Postgres ends it. A
+    // replica paused (or cut off) mid-batch would otherwise hold the checkpoint row lock,
+    // and the replica taking over would wait for it; 3 s is shorter than the projection
+    // lease, so the lock is gone by the time a standby may claim. Batches never wait
+    // between statements that long.
+    pool.begin_with(concat!(
+        "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan; ",
+        "SET LOCAL idle_in_transaction_session_timeout = '3s'"
+    ))
+    .await
 }
 
 /// Reads the checkpoint inside a batch transaction, locking its row: writers of one
@@ -472,31 +528,43 @@ pub(crate) async fn lock_checkpoint(
 /// Locks the checkpoint under `key` for the batch transaction, moves it forward to
 /// `through` (never back) and returns where it was: what the batch must skip. One round
 /// trip instead of a lock and a later write; a rolled back batch leaves it where it was.
+/// [`StoreError::Fenced`] (and nothing moved) when the row records a lease token newer
+/// than `fence`: the caller drops the transaction, so nothing of the batch is written.
 pub(crate) async fn advance_checkpoint(
     tx: &mut Transaction<'_, Postgres>,
     key: &str,
     through: u64,
-) -> Result<u64, sqlx::Error> {
+    fence: u64,
+) -> Result<u64, StoreError> {
     // `stored` locks and reads the row before `advanced` writes it: `advanced` reads
     // `stored`, which fixes that order (sibling WITH statements otherwise run in no set
     // order). After a concurrent batch commits, the lock returns the row it wrote. Before
     // the first batch there is no row to lock: 0, as with a separate lock and write.
-    let previous: Option<i64> = sqlx::query_scalar(
+    let stored: Option<(i64, i64)> = sqlx::query_as(
         "WITH stored AS (
-             SELECT last_sequence FROM projection_checkpoints WHERE projection = $1 FOR UPDATE
+             SELECT last_sequence, fence FROM projection_checkpoints WHERE projection = $1 FOR UPDATE
          ), advanced AS (
-             INSERT INTO projection_checkpoints (projection, last_sequence)
-             SELECT $1, $2 FROM (SELECT count(*) FROM stored) AS after_lock
+             INSERT INTO projection_checkpoints (projection, last_sequence, fence)
+             SELECT $1, $2, $3 FROM (SELECT count(*) FROM stored) AS after_lock
              ON CONFLICT (projection) DO UPDATE
-             SET last_sequence = GREATEST(projection_checkpoints.last_sequence, EXCLUDED.last_sequence)
+             SET last_sequence = GREATEST(projection_checkpoints.last_sequence, EXCLUDED.last_sequence),
+                 fence = EXCLUDED.fence
+             WHERE projection_checkpoints.fence <= EXCLUDED.fence
          )
-         SELECT last_sequence FROM stored",
+         SELECT last_sequence, fence FROM stored",
     )
     .bind(key)
     .bind(sequence_to_db(through))
+    .bind(sequence_to_db(fence))
     .fetch_optional(&mut **tx)
     .await?;
-    Ok(previous.map_or(0, sequence_from_db))
+    match stored {
+        Some((_, recorded)) if sequence_from_db(recorded) > fence => {
+            Err(fenced(sequence_from_db(recorded), fence))
+        }
+        Some((previous, _)) => Ok(sequence_from_db(previous)),
+        None => Ok(0),
+    }
 }
 
 /// Stream sequences fit in i64 for any stream that will ever exist (2^63 messages).

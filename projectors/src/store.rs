@@ -25,6 +25,10 @@ pub enum StoreError {
     /// The store refused the data itself; retrying the same events fails the same way.
     #[error("read model refused the batch: {0}")]
     Refused(String),
+    /// Another replica has claimed the projection with a newer lease token: this one must
+    /// stop writing (nothing of the batch was written to the checkpointed store).
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -142,6 +146,26 @@ pub trait ProjectionStore: Clone + Send + Sync + 'static {
 
     /// Whether the store answers (for `/readyz`).
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Claims the projection for the lease token `token` (fencing): records it with the
+    /// checkpoint unless a newer one is recorded (then [`StoreError::Fenced`]), and makes
+    /// every later batch of this store (and its clones) commit only while no newer token
+    /// has been recorded. A store never claimed writes with token 0.
+    fn claim(&self, token: u64) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The lease token a store writes with, shared by its clones.
+#[derive(Debug, Clone, Default)]
+pub struct FenceToken(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl FenceToken {
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn set(&self, token: u64) {
+        self.0.store(token, std::sync::atomic::Ordering::Release);
+    }
 }
 
 #[cfg(test)]

@@ -83,6 +83,7 @@ async fn entries_are_marked_stale_after_commit_and_a_redis_outage_does_not_stop_
         batch_size: 50,
         cache: Some(cache.clone()),
         progress: Arc::new(ProjectionProgress::default()),
+        lease: projectors::lease::LeaseSettings::default(),
     };
     let task = tokio::spawn(runner.run(async move {
         let _ = stopped.await;

@@ -220,6 +220,7 @@ fn start_projection<S: ProjectionStore>(broker: &TestBroker, store: &S) -> Runni
         batch_size: 100,
         cache: None,
         progress: Arc::new(ProjectionProgress::default()),
+        lease: projectors::lease::LeaseSettings::default(),
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(runner.run(async move {
@@ -457,6 +458,10 @@ impl ProjectionStore for RefusingStore {
 
     async fn ping(&self) -> Result<(), projectors::StoreError> {
         Ok(())
+    }
+
+    async fn claim(&self, token: u64) -> Result<(), projectors::StoreError> {
+        ProjectionStore::claim(&self.inner, token).await
     }
 }
 

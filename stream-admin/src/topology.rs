@@ -96,9 +96,19 @@ pub fn desired(names: &StreamNames, replicas: usize) -> Topology {
         num_replicas: replicas,
         ..Default::default()
     };
+    // Replicated like the stream: a lease that one node's loss could erase would let two
+    // projectors believe they are active (the store's fence still refuses the older one).
+    let leases = kv::Config {
+        bucket: names.projection_lease_bucket(),
+        description: "Which projectors replica applies each projection (active/standby)".into(),
+        history: 1,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    };
     Topology {
         streams: vec![events, dead_letters],
         consumers,
-        buckets: vec![idempotency],
+        buckets: vec![idempotency, leases],
     }
 }

@@ -13,10 +13,12 @@ mod nats_server;
 mod old_nats;
 mod postgres_server;
 mod process;
+mod tcp_proxy;
 pub use nats_server::{NatsServer, NatsStop};
 pub use old_nats::NatsVersionStandIn;
 pub use postgres_server::{PgStop, PostgresServer};
 pub use process::ServiceProcess;
+pub use tcp_proxy::TcpProxy;
 
 /// Keys every in-process test server accepts.
 pub const WRITE_KEY: &str = "test-write-key";
@@ -99,6 +101,7 @@ impl TestBroker {
             self.names.event_stream(),
             self.names.dead_letter_stream(),
             format!("KV_{}", self.names.idempotency_bucket()),
+            format!("KV_{}", self.names.projection_lease_bucket()),
         ] {
             let _ = self.jetstream.delete_stream(stream).await;
         }

@@ -47,6 +47,9 @@ impl Projectors {
             )
             .env_remove("REDIS_URL")
             .env_remove("COURSES_STORE_URL")
+            // One replica restarted again and again (as a container in its pod): it takes
+            // its leases back at once. Tests of several replicas name each one.
+            .env("PROJECTOR_REPLICA_NAME", "test-replica")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());

@@ -128,6 +128,7 @@ impl TestSystem {
                     batch_size: 100,
                     cache: invalidator("students"),
                     progress: progress.clone(),
+                    lease: projectors::lease::LeaseSettings::default(),
                 }
                 .run(until_stopped(stopped.clone())),
             );
@@ -139,6 +140,7 @@ impl TestSystem {
                     batch_size: 100,
                     cache: invalidator("courses"),
                     progress,
+                    lease: projectors::lease::LeaseSettings::default(),
                 }
                 .run(until_stopped(stopped)),
             );

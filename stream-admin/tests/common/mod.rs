@@ -34,6 +34,7 @@ impl Live {
             batch_size: 200,
             cache: None,
             progress: Arc::new(ProjectionProgress::default()),
+            lease: projectors::lease::LeaseSettings::default(),
         };
         tokio::spawn(runner.run(async move {
             let mut stopped = stopped;
