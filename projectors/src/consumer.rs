@@ -37,6 +37,8 @@ const MAX_RESUBSCRIBE_DELAY: Duration = Duration::from_secs(5);
 /// A batch the read model refuses this many times is applied event by event, and an event
 /// refused this many times on its own is dead-lettered.
 pub const MAX_REFUSALS: u32 = 3;
+/// A batch the read model has not taken for this long (unavailable) makes `/readyz` fail.
+const UNREADY_AFTER_UNAVAILABLE: Duration = Duration::from_secs(10);
 /// How long a batch waits for a message the server said was pending before it is applied
 /// as it is. Bounds the delay a batch can add when delivery stalls.
 const BATCH_FILL_WAIT: Duration = Duration::from_millis(20);
@@ -923,9 +925,15 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         shutdown: &mut Shutdown<'_, F>,
     ) -> Result<Option<usize>, Unapplied> {
         let mut refusals = 0;
+        let mut unavailable_since: Option<Instant> = None;
         loop {
             match self.store.apply_batch(decoded, through).await {
-                Ok(outcome) => return Ok(Some(outcome.applied)),
+                Ok(outcome) => {
+                    if unavailable_since.is_some() {
+                        self.progress.set_consuming(self.projection(), None);
+                    }
+                    return Ok(Some(outcome.applied));
+                }
                 Err(StoreError::Fenced(reason)) => return Err(Unapplied::Fenced(reason)),
                 Err(StoreError::Refused(reason)) => {
                     refusals += 1;
@@ -945,6 +953,18 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                         events = decoded.len(),
                         "read model unavailable; retrying the batch"
                     );
+                    // Waited for, never dead-lettered; but a wait that lasts shows on
+                    // `/readyz` (a held lock, a full disk: the read model answers pings).
+                    let since = *unavailable_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= UNREADY_AFTER_UNAVAILABLE {
+                        self.progress.set_consuming(
+                            self.projection(),
+                            Some(format!(
+                                "retrying a batch for {} s: {reason}",
+                                since.elapsed().as_secs()
+                            )),
+                        );
+                    }
                 }
             }
             // Keep the broker from redelivering while we retry.
