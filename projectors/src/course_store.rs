@@ -7,6 +7,7 @@ use uuid::Uuid;
 use crate::course_document::CourseDocument;
 use crate::mongo_courses::MongoCourses;
 use crate::pg_courses::PgCourses;
+use crate::pg_students::AggregateHistory;
 use crate::store::{BatchOutcome, ProjectionStore, StoreError};
 
 /// A course store chosen at start by URL scheme.
@@ -87,11 +88,12 @@ impl CourseStore {
         }
     }
 
-    /// Replaces one course by the fold of its history up to the checkpoint (redrive).
+    /// Replaces one course by the fold of its history up to the checkpoint (redrive), read
+    /// once the checkpoint is locked.
     pub async fn rebuild_aggregate(
         &self,
         id: Uuid,
-        history: &[(u64, Event)],
+        history: impl AggregateHistory,
     ) -> Result<usize, StoreError> {
         match self {
             CourseStore::Postgres(store) => store.rebuild_aggregate(id, history).await,

@@ -3,12 +3,12 @@
 //! The live generation is the tables readers and the live projection use (`students`, …).
 //! A replay fills the next generation (`students__next`, …, checkpoint key
 //! `students__next`) with the same projection code, then [`Switch`] swaps them in one
-//! transaction: it first locks the live checkpoint row (the live projection's batches take
-//! that lock first, so they wait and cannot deadlock), lets the caller bring the next
-//! generation to exactly the live checkpoint, compares the two (row count and a checksum
-//! over the content), and renames the tables. Readers and the live projection address
-//! tables by name, so their next statement sees the new generation; reads only wait for the
-//! rename, they never fail.
+//! transaction: it first locks the live checkpoint row, creating it if the live projection
+//! has not committed yet (the live projection's batches take that lock first, so they wait
+//! and cannot deadlock), lets the caller bring the next generation to exactly the live
+//! checkpoint, compares the two (row count and a checksum over the content), and renames
+//! the tables. Readers and the live projection address tables by name, so their next
+//! statement sees the new generation; reads only wait for the rename, they never fail.
 
 use events::Projection;
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
@@ -199,10 +199,15 @@ impl PgModel {
     /// Starts the switch: locks the live checkpoint row, so the live projection pauses
     /// (it finishes the batch in flight first) and its checkpoint stays put until
     /// [`Switch::finish`] or drop.
+    ///
+    /// Before the live projection's first commit there is no checkpoint row to lock, and a
+    /// lock on nothing would let the live projection's first batch commit into the tables
+    /// being renamed away: the row is created first (at 0), so the lock always holds.
     pub async fn begin_switch(&self, pool: &PgPool) -> Result<Switch, sqlx::Error> {
+        let key = Generation::Live.checkpoint_key(self.projection);
+        ensure_checkpoint_row(pool, &key).await?;
         let mut tx = pool.begin().await?;
-        let live_checkpoint =
-            lock_checkpoint(&mut tx, &Generation::Live.checkpoint_key(self.projection)).await?;
+        let live_checkpoint = lock_checkpoint(&mut tx, &key).await?;
         Ok(Switch {
             model: *self,
             tx,
@@ -334,6 +339,21 @@ async fn read_checkpoint_in(
     .fetch_optional(&mut **tx)
     .await?;
     Ok(row.map_or(0, crate::pg_students::sequence_from_db))
+}
+
+/// Makes sure the checkpoint row under `key` exists (at 0 if it did not), committed, so a
+/// later `SELECT … FOR UPDATE` of it locks a row. A lock taken before the live projection's
+/// first commit would otherwise lock nothing, and that first batch would not wait for it.
+/// A row at 0 means what no row means: nothing applied yet.
+pub(crate) async fn ensure_checkpoint_row(pool: &PgPool, key: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO projection_checkpoints (projection, last_sequence) VALUES ($1, 0)
+         ON CONFLICT (projection) DO NOTHING",
+    )
+    .bind(key)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// Runs DDL built from our own table names (never from input).

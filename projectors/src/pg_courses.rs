@@ -10,7 +10,8 @@ use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::course_document::{self, CourseDocument};
-use crate::generation::Generation;
+use crate::generation::{Generation, ensure_checkpoint_row};
+use crate::pg_students::AggregateHistory;
 use crate::pg_students::{
     advance_checkpoint, begin_batch, claim_checkpoint, lock_checkpoint, read_checkpoint,
     sequence_to_db, writer_pool,
@@ -131,16 +132,19 @@ impl PgCourses {
 }
 
 impl PgCourses {
-    /// Replaces one course's document by the fold of `history` (every event of its subject,
-    /// in stream order) up to the checkpoint; later events are the live projection's.
-    /// Returns the number of events applied.
+    /// Replaces one course's document by the fold of its history (every event of its subject
+    /// up to the checkpoint, in stream order; later events are the live projection's).
+    /// Returns the number of events applied. The history is read once the checkpoint row is
+    /// locked, as for students (see [`crate::PgStudents::rebuild_aggregate`]).
     pub async fn rebuild_aggregate(
         &self,
         id: Uuid,
-        history: &[(u64, Event)],
+        history: impl AggregateHistory,
     ) -> Result<usize, StoreError> {
+        ensure_checkpoint_row(&self.pool, &self.sql.checkpoint_key).await?;
         let mut tx = begin_batch(&self.pool).await?;
         let checkpoint = lock_checkpoint(&mut tx, &self.sql.checkpoint_key).await?;
+        let history = history.read_through(checkpoint).await?;
         let mut document = None;
         let mut applied = 0;
         for (sequence, event) in history.iter().filter(|(seq, _)| *seq <= checkpoint) {

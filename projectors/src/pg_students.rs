@@ -2,6 +2,7 @@
 //! checkpoint that makes re-delivery harmless.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -9,7 +10,7 @@ use events::{Event, EventPayload, Projection};
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::generation::Generation;
+use crate::generation::{Generation, ensure_checkpoint_row};
 use crate::store::{BatchOutcome, FenceToken, ProjectionStore, StoreError};
 use crate::student_fold::{self, StudentRow, Touched, Writes};
 
@@ -201,17 +202,25 @@ impl PgStudents {
         Ok(Some(outcome))
     }
 
-    /// Replaces one student's rows by the fold of `history` (every event of its subject, in
-    /// stream order), counting only events the checkpoint covers; later ones are the live
-    /// projection's to apply. Serialised with batches by the checkpoint row lock. Returns the
-    /// number of events applied.
+    /// Replaces one student's rows by the fold of its history (every event of its subject up
+    /// to the checkpoint, in stream order; later ones are the live projection's to apply).
+    /// Returns the number of events applied.
+    ///
+    /// Serialised with the live projection's batches by the checkpoint row lock, and the
+    /// history is read only once that lock is held: an event applied just before is in it,
+    /// and none can be applied until the rebuild commits. (Read before the lock, the history
+    /// could miss an event applied in between, and the rebuild would write older state over
+    /// it.)
     pub async fn rebuild_aggregate(
         &self,
         id: Uuid,
-        history: &[(u64, Event)],
-    ) -> Result<usize, sqlx::Error> {
+        history: impl AggregateHistory,
+    ) -> Result<usize, StoreError> {
+        // Before the first commit there is no row: a lock on nothing serialises nothing.
+        ensure_checkpoint_row(&self.pool, &self.sql.checkpoint_key).await?;
         let mut tx = begin_batch(&self.pool).await?;
         let checkpoint = lock_checkpoint(&mut tx, &self.sql.checkpoint_key).await?;
+        let history = history.read_through(checkpoint).await?;
         let stored = self
             .load(&mut tx, &[id])
             .await?
@@ -340,6 +349,28 @@ impl PgStudents {
                 .await?;
         }
         Ok(true)
+    }
+}
+
+/// An aggregate's history as a rebuild (`stream-admin dlq redrive`) reads it: only once the
+/// read model's checkpoint row is locked, and up to that checkpoint.
+pub trait AggregateHistory: Send {
+    /// Every event of the aggregate's subject at or below `checkpoint`, in stream order.
+    fn read_through(
+        self,
+        checkpoint: u64,
+    ) -> impl Future<Output = Result<Vec<(u64, Event)>, StoreError>> + Send;
+}
+
+/// A history read earlier. Complete only if nothing was appended to the aggregate's subject
+/// since: read it through [`AggregateHistory::read_through`] wherever events may still come.
+impl AggregateHistory for &[(u64, Event)] {
+    async fn read_through(self, checkpoint: u64) -> Result<Vec<(u64, Event)>, StoreError> {
+        Ok(self
+            .iter()
+            .filter(|(sequence, _)| *sequence <= checkpoint)
+            .cloned()
+            .collect())
     }
 }
 

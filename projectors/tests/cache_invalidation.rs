@@ -1,5 +1,6 @@
-//! Redis invalidation against a real redis-server started (and stopped) by the test:
-//! entries are marked stale after each commit, and a Redis outage never holds the projection up.
+//! Redis invalidation against a real redis-server: entries are marked stale after each
+//! commit, markers never lower an entry's position, a Redis outage never holds the
+//! projection up, and keys that could not be marked are retried on a timer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,10 +112,11 @@ async fn entries_are_marked_stale_after_commit_and_a_redis_outage_does_not_stop_
     .await;
     assert!(cache.pending().await >= 1, "grace's key waits for redis");
 
-    // Back: the key missed during the outage is marked with a later batch.
+    // Back: the key missed during the outage is marked, by the retry timer or with a later
+    // batch, whichever comes first (the restarted Redis starts empty: a marker there is one
+    // written after the restart).
     let redis = RedisServer::start(redis.port);
-    let mut conn = connect(&redis.url()).await;
-    let _: () = conn.set(key(grace), "stale").await.expect("set");
+    let conn = connect(&redis.url()).await;
     eventually(15, "grace's entry marked after redis came back", || async {
         publish(&broker, Uuid::now_v7()).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -129,4 +131,79 @@ async fn entries_are_marked_stale_after_commit_and_a_redis_outage_does_not_stop_
     task.await.expect("no panic").expect("clean exit");
     db.cleanup().await;
     broker.cleanup().await;
+}
+
+/// The test stack's Redis (`scripts/dev` exports `REDIS_URL`); keys are unique per test.
+fn stack_redis() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:16379".into())
+}
+
+fn unique_key(kind: &str) -> String {
+    format!(
+        "t{}:v1:{kind}:{}",
+        test_support::unique_suffix(),
+        Uuid::now_v7()
+    )
+}
+
+#[tokio::test]
+async fn a_marker_never_lowers_the_position_of_an_entry() {
+    let url = stack_redis();
+    let mut conn = connect(&url).await;
+    let courses = RedisInvalidator::new(&url, "courses").expect("redis url");
+    let students = RedisInvalidator::new(&url, "students").expect("redis url");
+    let course = unique_key("course");
+    let get = |conn: &mut redis::aio::MultiplexedConnection| {
+        let (mut conn, key) = (conn.clone(), course.clone());
+        async move { conn.get::<_, Option<String>>(key).await.expect("get") }
+    };
+
+    // The course is renamed at 100; the courses projection marks it.
+    courses.invalidate(100, [course.clone()]).await;
+    assert_eq!(get(&mut conn).await.as_deref(), Some("100:~"));
+    // The students projection, behind at 95, marks the course side of an enrollment.
+    students.invalidate(95, [course.clone()]).await;
+    assert_eq!(
+        get(&mut conn).await.as_deref(),
+        Some("100:~"),
+        "a lagging projection left the marker where it was"
+    );
+    // An entry a reader stored at 120 (fresher than any commit up to 120) stays too.
+    let fresh = r#"120:{"name":"Algebra II","version":100}"#;
+    let _: () = conn.set(&course, fresh).await.expect("set");
+    students.invalidate(110, [course.clone()]).await;
+    assert_eq!(get(&mut conn).await.as_deref(), Some(fresh));
+    // A later commit marks it again, with its TTL.
+    courses.invalidate(130, [course.clone()]).await;
+    assert_eq!(get(&mut conn).await.as_deref(), Some("130:~"));
+    let ttl: i64 = conn.ttl(&course).await.expect("ttl");
+    assert!((1..=300).contains(&ttl), "ttl {ttl}");
+    assert_eq!(courses.pending().await + students.pending().await, 0);
+    let _: () = conn.del(&course).await.expect("del");
+}
+
+#[tokio::test]
+async fn a_failed_invalidation_is_retried_on_a_timer_without_waiting_for_a_batch() {
+    let mut redis = RedisServer::start(free_port());
+    redis.ready().await;
+    let cache = RedisInvalidator::new(&redis.url(), "students").expect("redis url");
+    let student = unique_key("student");
+
+    redis.stop();
+    cache.invalidate(7, [student.clone()]).await;
+    assert_eq!(cache.pending().await, 1, "kept for a retry");
+
+    // Redis is back with the entry a reader stored before the commit; no batch comes.
+    let redis = RedisServer::start(redis.port);
+    let mut conn = connect(&redis.url()).await;
+    let _: () = conn
+        .set(&student, r#"6:{"name":"Ada L"}"#)
+        .await
+        .expect("set");
+    eventually(10, "the pending key marked by the retry timer", || async {
+        let value: Option<String> = conn.clone().get(&student).await.ok()?;
+        (value.as_deref() == Some("7:~")).then_some(())
+    })
+    .await;
+    assert_eq!(cache.pending().await, 0);
 }

@@ -6,7 +6,11 @@
 //! `"<position>:~"` at the position of their commit, and a reader may only store a value
 //! read at a position at least as high (a compare in a Lua script). So a reader that loaded
 //! a value just before a commit cannot put it back over the projector's marker: no stale
-//! entry outlives its invalidation.
+//! entry outlives its invalidation. The projectors' marking is the same compare the other
+//! way round (`projectors::redis_cache`): a marker never replaces an entry of a later
+//! position, so the position under a key never goes down, and no projection (one behind the
+//! other, or a replica's late retry) can reopen a key to a read older than a commit whose
+//! marker it overwrote.
 //!
 //! Concurrent misses of one key in one process load once (single flight). When Redis fails,
 //! reads go straight to the databases for a second before Redis is tried again, and the
@@ -308,5 +312,64 @@ impl Redis {
             Ok(Err(error)) => self.failed(&error.to_string()),
             Err(_) => self.failed("timed out"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use projectors::redis_cache::RedisInvalidator;
+    use uuid::Uuid;
+
+    use super::*;
+
+    /// The test stack's Redis (`scripts/dev` exports `REDIS_URL`); keys are unique per test.
+    fn redis_url() -> String {
+        std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:16379".into())
+    }
+
+    async fn read(cache: &Cache, key: &str, loaded: (u64, &str)) -> Option<String> {
+        cache
+            .get_or_load(key, 0, || async {
+                Ok::<_, ()>((loaded.0, Some(loaded.1.to_owned())))
+            })
+            .await
+            .expect("loads")
+    }
+
+    /// A reader loads a course just before its rename commits (at 100), and stores what it
+    /// read only after the courses projection has marked the entry. Meanwhile the students
+    /// projection, behind at 95, marks the course side of an enrollment. The reader's old
+    /// name must not get in: token-less reads would be served it for the whole TTL.
+    #[tokio::test]
+    async fn a_lagging_projections_marker_does_not_let_an_older_read_in() {
+        let url = redis_url();
+        let key = format!(
+            "t{}:v1:course:{}",
+            test_support::unique_suffix(),
+            Uuid::now_v7()
+        );
+        let courses = RedisInvalidator::new(&url, "courses").expect("url");
+        let students = RedisInvalidator::new(&url, "students").expect("url");
+
+        courses.invalidate(100, [key.clone()]).await;
+        students.invalidate(95, [key.clone()]).await;
+        // The slow reader read the courses checkpoint at 99, then the old document.
+        let slow = Cache::new(Some(&url)).expect("cache");
+        assert_eq!(
+            read(&slow, &key, (99, "Algebra")).await.as_deref(),
+            Some("Algebra")
+        );
+
+        // A token-less read afterwards (another process: nothing kept in its memory).
+        let later = Cache::new(Some(&url)).expect("cache");
+        assert_eq!(
+            read(&later, &key, (100, "Algebra II")).await.as_deref(),
+            Some("Algebra II"),
+            "the old name was stored over the invalidation"
+        );
+        assert_eq!(
+            read(&later, &key, (100, "unused")).await.as_deref(),
+            Some("Algebra II")
+        );
     }
 }

@@ -3,8 +3,11 @@
 //! A redrive does not re-apply the one event out of order (a later event of the same
 //! aggregate may already be applied): it rebuilds the whole aggregate in the live read
 //! model from every event of its subject up to the projection's checkpoint, in one
-//! transaction serialised with the projection's batches. Once that succeeds, the dead letter
-//! is deleted; if the cause is not fixed yet, the redrive fails and the letter stays.
+//! transaction serialised with the projection's batches: it locks the checkpoint row, then
+//! reads the history up to that checkpoint, then folds and writes. (Read before the lock,
+//! the history could miss an event the live projection applied in between, and the rebuild
+//! would write the older state over it.) Once that succeeds, the dead letter is deleted; if
+//! the cause is not fixed yet, the redrive fails and the letter stays.
 
 use std::time::Duration;
 
@@ -13,9 +16,11 @@ use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, message::StreamMessage};
 use events::{Event, StreamNames};
 use futures::StreamExt;
+use projectors::StoreError;
 use projectors::dead_letters::{
     ORIGINAL_SEQUENCE_HEADER, ORIGINAL_SUBJECT_HEADER, PROJECTION_HEADER, REASON_HEADER,
 };
+use projectors::pg_students::AggregateHistory;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -126,10 +131,17 @@ pub async fn redrive(
         let model = models.get(projection)?;
         let aggregate = aggregate_id(&letter.original_subject)
             .with_context(|| format!("dead letter {sequence} names no aggregate subject"))?;
-        let history = history(&jetstream, names, &letter.original_subject).await?;
-        let events_applied = model
-            .rebuild_aggregate(aggregate, &history)
-            .await
+        // Read by the store once it holds the checkpoint lock, not here.
+        let history = StreamHistory {
+            jetstream: &jetstream,
+            names,
+            subject: &letter.original_subject,
+        };
+        let rebuilt = match model {
+            ReadModel::Students(store) => store.rebuild_aggregate(aggregate, history).await,
+            ReadModel::Courses(store) => store.rebuild_aggregate(aggregate, history).await,
+        };
+        let events_applied = rebuilt
             .with_context(|| format!("redriving dead letter {sequence}: the cause is not fixed"))?;
         dlq.delete_message(*sequence)
             .await
@@ -167,40 +179,66 @@ fn aggregate_id(subject: &str) -> Option<Uuid> {
         .and_then(|id| Uuid::parse_str(id).ok())
 }
 
-/// Every event on one aggregate's subject, in stream order. Fails on an event that does not
-/// decode: the aggregate cannot be rebuilt until this build can read it.
+/// One aggregate's events in the stream, read when a rebuild asks (under its lock).
+struct StreamHistory<'a> {
+    jetstream: &'a jetstream::Context,
+    names: &'a StreamNames,
+    subject: &'a str,
+}
+
+impl AggregateHistory for StreamHistory<'_> {
+    async fn read_through(self, checkpoint: u64) -> Result<Vec<(u64, Event)>, StoreError> {
+        history(self.jetstream, self.names, self.subject, checkpoint).await
+    }
+}
+
+/// Every event on one aggregate's subject up to stream position `through`, in stream order.
+/// Fails on an event that does not decode: the aggregate cannot be rebuilt until this build
+/// can read it.
 async fn history(
     jetstream: &jetstream::Context,
     names: &StreamNames,
     subject: &str,
-) -> anyhow::Result<Vec<(u64, Event)>> {
-    let Some(last) = service_kit::nats::last_sequence_on(
+    through: u64,
+) -> Result<Vec<(u64, Event)>, StoreError> {
+    let unavailable = |error: &dyn std::fmt::Display| {
+        StoreError::Unavailable(format!("reading {subject}: {error}"))
+    };
+    let last = service_kit::nats::last_sequence_on(
         &jetstream.client(),
         &names.event_stream(),
         subject,
         Duration::from_secs(5),
     )
-    .await?
-    else {
+    .await
+    .map_err(|e| unavailable(&e))?;
+    let Some(last) = last else {
         return Ok(Vec::new());
     };
-    let stream = jetstream.get_stream_no_info(names.event_stream()).await?;
+    let stream = jetstream
+        .get_stream_no_info(names.event_stream())
+        .await
+        .map_err(|e| unavailable(&e))?;
     let consumer = stream
         .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
             filter_subject: subject.to_owned(),
             ..Default::default()
         })
-        .await?;
-    let mut messages = consumer.messages().await?;
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let mut messages = consumer.messages().await.map_err(|e| unavailable(&e))?;
     let mut history = Vec::new();
     while let Some(message) = messages.next().await {
-        let message = message?;
-        let sequence = message
-            .info()
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .stream_sequence;
-        let event = events::decode(&message.payload)
-            .with_context(|| format!("event {sequence} on {subject} does not decode"))?;
+        let message = message.map_err(|e| unavailable(&e))?;
+        let sequence = message.info().map_err(|e| unavailable(&e))?.stream_sequence;
+        if sequence > through {
+            break;
+        }
+        let event = events::decode(&message.payload).map_err(|e| {
+            StoreError::Refused(format!(
+                "event {sequence} on {subject} does not decode: {e}"
+            ))
+        })?;
         history.push((sequence, event));
         if sequence >= last {
             break;

@@ -248,3 +248,113 @@ async fn a_model_that_differs_is_not_switched_in_without_force() {
     assert_eq!(edited, 0, "the rebuilt model follows the events");
     live.cleanup().await;
 }
+
+/// Postgres backends of this test's database waiting for a lock, running SQL like `like`.
+async fn waiting_on_a_lock(pool: &sqlx::PgPool, like: &str) -> bool {
+    sqlx::query_scalar(
+        "SELECT count(*) > 0 FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE $1",
+    )
+    .bind(like)
+    .fetch_one(pool)
+    .await
+    .expect("pg_stat_activity")
+}
+
+/// A replay whose switch runs before the live projection has committed anything: the live
+/// checkpoint row does not exist yet, so there is no row to lock. The live projection's first
+/// batch then runs in the middle of the switch: between the switch's two fingerprints (the
+/// test holds the next generation's tables locked there). Unless the switch serialises with
+/// that batch, the batch commits into the tables the switch renames away, and the read model
+/// switched in lacks its events while the checkpoint says they are applied.
+#[tokio::test]
+async fn a_replay_before_the_live_projections_first_commit_serialises_with_its_first_batch() {
+    let broker = test_support::TestBroker::start().await;
+    let db = test_support::TestDatabase::create().await;
+    let students = projectors::PgStudents::with_pool(db.pool.clone())
+        .await
+        .expect("migrated");
+    // Events on the stream, and the live projection has not started yet.
+    let events = school(20);
+    let mut batch = Vec::new();
+    for event in &events {
+        let subject = broker
+            .names
+            .aggregate_subject(event.metadata.aggregate_kind, event.metadata.aggregate_id);
+        let sequence = broker
+            .jetstream
+            .publish(subject, events::encode(event).into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack")
+            .sequence;
+        batch.push((sequence, event.clone()));
+    }
+    let last = batch.last().expect("events").0;
+    let registered = events
+        .iter()
+        .filter(|e| matches!(e.payload, events::EventPayload::StudentRegistered(_)))
+        .count();
+
+    STUDENTS.prepare_next(&db.pool).await.expect("next tables");
+    let mut hold = db.pool.begin().await.expect("tx");
+    sqlx::query("LOCK TABLE students__next IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *hold)
+        .await
+        .expect("lock");
+    let replaying = {
+        let (client, names) = (broker.client.clone(), broker.names.clone());
+        let target = ReplayTarget {
+            model: STUDENTS,
+            pool: db.pool.clone(),
+            next: students.generation(Generation::Next),
+        };
+        tokio::spawn(async move { replay(&client, &names, target, OPTIONS).await })
+    };
+    test_support::eventually(30, "the switch to wait for the next tables", || async {
+        waiting_on_a_lock(&db.pool, "%students__next%")
+            .await
+            .then_some(())
+    })
+    .await;
+
+    // The live projection's first batch, now.
+    let first_batch = {
+        let (students, batch) = (students.clone(), batch.clone());
+        tokio::spawn(async move { students.apply_batch(&batch, last).await })
+    };
+    test_support::eventually(30, "the first batch to commit or wait", || async {
+        (first_batch.is_finished() || waiting_on_a_lock(&db.pool, "%projection_checkpoints%").await)
+            .then_some(())
+    })
+    .await;
+    let batch_waited_for_the_switch = !first_batch.is_finished();
+    hold.commit().await.expect("release");
+
+    let report = replaying.await.expect("no panic");
+    first_batch
+        .await
+        .expect("no panic")
+        .expect("the first batch commits");
+    let live_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM students")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    assert_eq!(students.checkpoint().await.expect("checkpoint"), last);
+    assert_eq!(
+        live_rows,
+        i64::try_from(registered).expect("small"),
+        "the live model has every student its checkpoint covers (the switch {}; the batch \
+         {} for it; replay: {:?})",
+        if report.is_ok() { "happened" } else { "failed" },
+        if batch_waited_for_the_switch {
+            "waited"
+        } else {
+            "did not wait"
+        },
+        report.as_ref().map(|r| &r.switch)
+    );
+    db.cleanup().await;
+    broker.cleanup().await;
+}
