@@ -291,7 +291,15 @@ impl ActiveLease {
                     _ = &mut stopped => return Some(lease),
                     _ = tick.tick() => {}
                 }
-                match leases.renew(&mut lease).await {
+                // Bounded: a request to an unreachable server would otherwise hold the
+                // renewal (and the self-demotion below) for the client's request timeout.
+                let renewed =
+                    tokio::time::timeout(leases.settings.renew_every, leases.renew(&mut lease))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(RenewError::Unreachable("renewal timed out".into()))
+                        });
+                match renewed {
                     Ok(()) => {}
                     Err(RenewError::Lost(reason)) => {
                         let _ = lost_tx.send(Some(reason));
@@ -351,6 +359,10 @@ impl Continuity {
             connects,
             next_delivery: None,
         }
+    }
+
+    fn expect_first(&mut self, consumer_sequence: u64) {
+        self.next_delivery = Some(consumer_sequence);
     }
 
     /// Whether `delivered` is the delivery after the previous one.
@@ -669,7 +681,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
     async fn subscribe(&self) -> anyhow::Result<(MessageStream, Acks, Continuity)> {
         let projection = self.projection();
         // Taken before the reset: a reconnect from here on ends the subscription.
-        let continuity = Continuity::new(self.jetstream.client().statistics());
+        let mut continuity = Continuity::new(self.jetstream.client().statistics());
         let consumer_name = self.names.projection_consumer(projection);
         let checkpoint = self.store.checkpoint().await?;
         self.progress.record(projection, checkpoint, 0);
@@ -677,7 +689,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             .jetstream
             .get_stream_no_info(self.names.event_stream())
             .await?;
-        stream
+        let reset = stream
             .reset_consumer(&consumer_name, Some(checkpoint + 1))
             .await
             .map_err(|e| {
@@ -685,6 +697,11 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                     "resetting consumer {consumer_name} (run `stream-admin apply`?): {e}"
                 )
             })?;
+        // The reset restarts the consumer's delivery count: our first delivery must be the
+        // next one. If it is not, another client's pull (an old subscription's, or a paused
+        // replica's still registered with the server) took the first events after the reset,
+        // and applying from our first one would skip them.
+        continuity.expect_first(reset.info.delivered.consumer_sequence + 1);
         let consumer: PullConsumer = stream
             .get_consumer(&consumer_name)
             .await

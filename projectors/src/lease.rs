@@ -68,6 +68,8 @@ struct Holder {
 pub struct Leases {
     jetstream: jetstream::Context,
     bucket: String,
+    /// The bucket, opened on first use (it may not exist yet when the replica starts).
+    store: std::sync::Arc<tokio::sync::OnceCell<kv::Store>>,
     /// Names this replica in the key (pod name, pid and a random part).
     pub holder: String,
     pub settings: LeaseSettings,
@@ -108,6 +110,7 @@ impl Leases {
         Leases {
             jetstream,
             bucket,
+            store: Default::default(),
             holder,
             settings,
         }
@@ -125,13 +128,20 @@ impl Leases {
         }
     }
 
-    async fn store(&self) -> anyhow::Result<kv::Store> {
-        self.jetstream
-            .get_key_value(&self.bucket)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!("KV bucket {} (run `stream-admin apply`?): {e}", self.bucket)
+    async fn store(&self) -> anyhow::Result<&kv::Store> {
+        self.store
+            .get_or_try_init(|| async {
+                self.jetstream
+                    .get_key_value(&self.bucket)
+                    .await
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "KV bucket {} (run `stream-admin apply`?): {e}",
+                            self.bucket
+                        )
+                    })
             })
+            .await
     }
 
     fn value(&self, token: u64) -> bytes::Bytes {

@@ -103,16 +103,24 @@ async fn wait_for_takeover(
     }
 }
 
-/// The replica active for the students projection (waits for one).
+/// The replica active for the students projection: waits until exactly one says so (a
+/// replica that just lost its lease may say so for a moment longer).
 async fn active_replica(http: &reqwest::Client, replicas: &[Replica]) -> usize {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
+        let mut active = Vec::new();
         for (index, replica) in replicas.iter().enumerate() {
             if replica.active(http, Projection::Students).await == Some(true) {
-                return index;
+                active.push(index);
             }
         }
-        assert!(Instant::now() < deadline, "no replica became active");
+        if let [only] = active[..] {
+            return only;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not exactly one active replica within 20 s: {active:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
