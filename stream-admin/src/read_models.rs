@@ -2,9 +2,8 @@
 //! (`replay`, `dlq redrive`), through the projectors' own store code.
 
 use anyhow::Context;
-use events::{Event, Projection};
+use events::Projection;
 use projectors::{CourseStore, PgStudents};
-use uuid::Uuid;
 
 #[derive(Clone)]
 pub enum ReadModel {
@@ -39,18 +38,6 @@ impl ReadModel {
         Ok(match self {
             ReadModel::Students(store) => store.checkpoint().await?,
             ReadModel::Courses(store) => projectors::ProjectionStore::checkpoint(store).await?,
-        })
-    }
-
-    /// Replaces one aggregate in the live model by the fold of its history.
-    pub async fn rebuild_aggregate(
-        &self,
-        id: Uuid,
-        history: &[(u64, Event)],
-    ) -> anyhow::Result<usize> {
-        Ok(match self {
-            ReadModel::Students(store) => store.rebuild_aggregate(id, history).await?,
-            ReadModel::Courses(store) => store.rebuild_aggregate(id, history).await?,
         })
     }
 }
