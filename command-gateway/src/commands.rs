@@ -185,13 +185,19 @@ impl CommandService {
         if_match: Option<&[u64]>,
     ) -> Result<Accepted, CommandError> {
         let target = command.target();
+        // An answer that appends nothing (a 412, a rule's refusal, a no-op) is given only
+        // from state read from the stream: this replica's cache never sees other replicas'
+        // writes, and no expected-sequence check catches a decision that writes nothing.
+        // (One that appends is checked by the broker, so the cache is enough for it.)
+        let mut verify = false;
         for attempt in 1..=MAX_ATTEMPTS {
             // Find what the command touches, wait for this process's other commands on those
             // aggregates (see `locks`), then read them again: a previous holder may have just
             // changed them. After a lost race, the second read catches up with the stream.
             let (snapshot, _) = self.read(command, false).await?;
             let held = self.locks.lock(touched(command, &snapshot)).await;
-            let (mut snapshot, mut versions) = self.read(command, attempt > 1).await?;
+            let from_stream = attempt > 1 || verify;
+            let (mut snapshot, mut versions) = self.read(command, from_stream).await?;
             if !held.covers(&touched(command, &snapshot)) {
                 // The relations changed while we waited: lock the new set.
                 continue;
@@ -202,11 +208,26 @@ impl CommandService {
                 && target_version != 0
                 && !expected.contains(&target_version)
             {
+                if !from_stream {
+                    verify = true;
+                    continue;
+                }
                 return Err(CommandError::PreconditionFailed {
                     current: target_version,
                 });
             }
-            let changes = decide(command, &snapshot)?;
+            let changes = match decide(command, &snapshot) {
+                Ok(changes) => changes,
+                Err(_) if !from_stream => {
+                    verify = true;
+                    continue;
+                }
+                Err(refused) => return Err(refused.into()),
+            };
+            if changes.is_empty() && !from_stream {
+                verify = true;
+                continue;
+            }
             if changes.is_empty() {
                 return Ok(Accepted {
                     target_version,
