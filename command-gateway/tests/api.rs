@@ -458,11 +458,5 @@ async fn a_gateway_started_before_the_topology_waits_unready_and_then_serves() {
         StatusCode::CREATED,
         "the key's outcome is replayed"
     );
-    for stream in [
-        names.event_stream(),
-        names.dead_letter_stream(),
-        format!("KV_{}", names.idempotency_bucket()),
-    ] {
-        let _ = jetstream.delete_stream(stream).await;
-    }
+    test_support::delete_topology(&jetstream, &names).await;
 }

@@ -120,13 +120,6 @@ impl ProjectionProgress {
         }
     }
 
-    /// Whether this replica is the active one for `projection` (not a standby).
-    pub fn is_active(&self, projection: Projection) -> bool {
-        self.figures
-            .lock()
-            .is_ok_and(|figures| figures.get(projection.as_str()).is_some_and(|f| f.active))
-    }
-
     /// Whether `projection` is subscribed and consuming; `Err` says why not. A projection
     /// that has not started yet, cannot subscribe (no stream or consumer, a server too old)
     /// or has stopped is not ready.

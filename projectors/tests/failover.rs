@@ -29,11 +29,7 @@ struct Replica {
 
 impl Replica {
     async fn start(name: &str, prefix: &str, db_url: &str) -> Replica {
-        let nats: std::net::SocketAddr = test_support::nats_url()
-            .trim_start_matches("nats://")
-            .parse()
-            .expect("the test stack's NATS address");
-        let proxy = TcpProxy::start(nats).await;
+        let proxy = TcpProxy::start(test_support::nats_addr()).await;
         let mut projectors = Projectors::start_with(
             prefix,
             db_url,
@@ -101,6 +97,15 @@ async fn wait_for_takeover(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+fn all_but(replicas: &[Replica], excluded: usize) -> Vec<&Replica> {
+    replicas
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != excluded)
+        .map(|(_, r)| r)
+        .collect()
 }
 
 /// The replica active for the students projection: waits until exactly one says so (a
@@ -172,12 +177,7 @@ async fn a_standby_takes_over_within_10_s_and_a_paused_active_writes_nothing_aft
         tokio::time::sleep(Duration::from_millis(500)).await;
         let at = Instant::now();
         replicas[victim].signal("-STOP");
-        let others: Vec<&Replica> = replicas
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != victim)
-            .map(|(_, r)| r)
-            .collect();
+        let others = all_but(&replicas, victim);
         takeovers.push((
             "sigstop",
             wait_for_takeover(&http, &others, at, "SIGSTOP").await,
@@ -215,12 +215,7 @@ async fn a_standby_takes_over_within_10_s_and_a_paused_active_writes_nothing_aft
         tokio::time::sleep(Duration::from_millis(500)).await;
         let at = Instant::now();
         replicas[victim].proxy.block().await;
-        let others: Vec<&Replica> = replicas
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != victim)
-            .map(|(_, r)| r)
-            .collect();
+        let others = all_but(&replicas, victim);
         takeovers.push((
             "nats-cut",
             wait_for_takeover(&http, &others, at, "NATS cut").await,
@@ -244,16 +239,7 @@ async fn a_standby_takes_over_within_10_s_and_a_paused_active_writes_nothing_aft
         &common::read_models(&students, &courses).await,
         &load.expected,
     );
-    let dead_letters = broker
-        .jetstream
-        .get_stream(broker.names.dead_letter_stream())
-        .await
-        .expect("dead-letter stream")
-        .get_info()
-        .await
-        .expect("info")
-        .state
-        .messages;
+    let dead_letters = broker.dead_letter_count().await;
     assert_eq!(
         dead_letters, 0,
         "no event may be dead-lettered by a failover"

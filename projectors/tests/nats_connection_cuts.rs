@@ -26,11 +26,7 @@ async fn cutting_the_projectors_nats_connection_under_load_loses_nothing() {
         .await
         .expect("command side");
     let commands = state.commands.clone();
-    let nats: std::net::SocketAddr = test_support::nats_url()
-        .trim_start_matches("nats://")
-        .parse()
-        .expect("the test stack's NATS address");
-    let proxy = TcpProxy::start(nats).await;
+    let proxy = TcpProxy::start(test_support::nats_addr()).await;
     let mut projectors = Projectors::start_with(
         broker.names.prefix(),
         &db.url,
@@ -77,16 +73,7 @@ async fn cutting_the_projectors_nats_connection_under_load_loses_nothing() {
         "the load ran: {} accepted",
         load.accepted
     );
-    let dead_letters = broker
-        .jetstream
-        .get_stream(broker.names.dead_letter_stream())
-        .await
-        .expect("dead-letter stream")
-        .get_info()
-        .await
-        .expect("info")
-        .state
-        .messages;
+    let dead_letters = broker.dead_letter_count().await;
     assert_eq!(dead_letters, 0);
     println!(
         "RELIABILITY: scenario=projectors-nats-connection-cuts commands_per_s={:.0} duration_s={:.1} \

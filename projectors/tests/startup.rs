@@ -77,13 +77,7 @@ async fn projectors_started_before_the_topology_stay_up_unready_then_become_read
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(projectors.process.is_alive());
-    for stream in [
-        names.event_stream(),
-        names.dead_letter_stream(),
-        format!("KV_{}", names.idempotency_bucket()),
-    ] {
-        let _ = jetstream.delete_stream(stream).await;
-    }
+    test_support::delete_topology(&jetstream, &names).await;
     db.cleanup().await;
 }
 

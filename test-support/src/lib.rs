@@ -35,6 +35,14 @@ pub fn nats_url() -> String {
     std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:14222".into())
 }
 
+/// [`nats_url`] as a socket address (for a proxy in front of it).
+pub fn nats_addr() -> std::net::SocketAddr {
+    nats_url()
+        .trim_start_matches("nats://")
+        .parse()
+        .expect("NATS_URL is nats://<ip>:<port>")
+}
+
 /// Postgres of the test stack, overridable with `DATABASE_URL`.
 pub fn database_url() -> String {
     std::env::var("DATABASE_URL")
@@ -97,14 +105,32 @@ impl TestBroker {
 
     /// Deletes this test's streams (best effort: leftovers only cost disk).
     pub async fn cleanup(self) {
-        for stream in [
-            self.names.event_stream(),
-            self.names.dead_letter_stream(),
-            format!("KV_{}", self.names.idempotency_bucket()),
-            format!("KV_{}", self.names.projection_lease_bucket()),
-        ] {
-            let _ = self.jetstream.delete_stream(stream).await;
-        }
+        delete_topology(&self.jetstream, &self.names).await;
+    }
+
+    /// Messages in this test's dead-letter stream.
+    pub async fn dead_letter_count(&self) -> u64 {
+        self.jetstream
+            .get_stream(self.names.dead_letter_stream())
+            .await
+            .expect("dead-letter stream")
+            .get_info()
+            .await
+            .expect("dead-letter stream info")
+            .state
+            .messages
+    }
+}
+
+/// Deletes every stream and bucket `stream-admin apply` made for `names` (best effort).
+pub async fn delete_topology(jetstream: &jetstream::Context, names: &StreamNames) {
+    for stream in [
+        names.event_stream(),
+        names.dead_letter_stream(),
+        format!("KV_{}", names.idempotency_bucket()),
+        format!("KV_{}", names.projection_lease_bucket()),
+    ] {
+        let _ = jetstream.delete_stream(stream).await;
     }
 }
 
