@@ -25,9 +25,21 @@ pub const EVENT_TYPE_HEADER: &str = "School-Event-Type";
 const WRONG_LAST_SEQUENCE: u64 = 10071;
 /// JetStream's error code for an atomic batch holding an already stored `Nats-Msg-Id`.
 const BATCH_DUPLICATE_MESSAGE_ID: u64 = 10201;
+/// JetStream's error code for an atomic batch refused because the stream has too many in
+/// flight (nats-server's `max_inflight_per_stream`, 50 by default).
+const BATCH_TOO_MANY_IN_FLIGHT: u64 = 10210;
+/// JetStream's error code for a commit whose batch the server does not hold whole. A first
+/// message refused for [`BATCH_TOO_MANY_IN_FLIGHT`] is answered to no one (it carries no
+/// reply subject), so the commit reports this instead. Either way nothing was stored.
+const BATCH_INCOMPLETE: u64 = 10176;
 /// nats-server accepts at most 50 atomic batches in flight per stream; stay below it so
-/// a burst of multi-aggregate commands waits here instead of being refused.
+/// a burst of multi-aggregate commands waits here instead of being refused. The limit is
+/// shared by every gateway replica, so a refusal is still possible: it is retried.
 const MAX_BATCHES_IN_FLIGHT: usize = 32;
+/// Pauses before resending a batch the broker refused for lack of room: doubling from
+/// 5 ms, about 2.5 s in all, then the command is answered 503.
+const BATCH_RETRY_FIRST_PAUSE: Duration = Duration::from_millis(5);
+const BATCH_RETRIES: u32 = 9;
 /// How long to wait for the broker to confirm an append.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -222,6 +234,36 @@ impl EventStore {
             .acquire()
             .await
             .map_err(|e| AppendError::Unavailable(e.to_string()))?;
+        let mut pause = BATCH_RETRY_FIRST_PAUSE;
+        for retry in 0..=BATCH_RETRIES {
+            let ack = self.send_batch(events, expected).await?;
+            match ack.error {
+                Some(error)
+                    if matches!(error.err_code, BATCH_TOO_MANY_IN_FLIGHT | BATCH_INCOMPLETE)
+                        && retry < BATCH_RETRIES =>
+                {
+                    // Other gateways' batches fill the stream's slots; nothing was stored.
+                    tracing::debug!(
+                        code = error.err_code,
+                        retry,
+                        "batch refused for room; resending"
+                    );
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                _ => return self.batch_outcome(ack, events, expected).await,
+            }
+        }
+        Err(AppendError::Unavailable("batch refused".into()))
+    }
+
+    /// Publishes `events` as one atomic batch (a fresh batch id) and returns the commit's
+    /// answer.
+    async fn send_batch(
+        &self,
+        events: &[Event],
+        expected: &BTreeMap<AggregateId, u64>,
+    ) -> Result<BatchAck, AppendError> {
         let batch_id = Uuid::new_v4().simple().to_string();
         let mut seen = std::collections::BTreeSet::new();
         let last = events.len() - 1;
@@ -256,8 +298,17 @@ impl EventStore {
             }
         }
         let reply = commit_reply.ok_or_else(|| AppendError::Unavailable("empty batch".into()))?;
-        let ack: BatchAck = serde_json::from_slice(&reply.payload)
-            .map_err(|e| AppendError::Unavailable(format!("unreadable batch ack: {e}")))?;
+        serde_json::from_slice(&reply.payload)
+            .map_err(|e| AppendError::Unavailable(format!("unreadable batch ack: {e}")))
+    }
+
+    /// The sequences a committed batch got, or why it was not stored.
+    async fn batch_outcome(
+        &self,
+        ack: BatchAck,
+        events: &[Event],
+        expected: &BTreeMap<AggregateId, u64>,
+    ) -> Result<Vec<u64>, AppendError> {
         if let Some(error) = ack.error {
             if error.err_code == WRONG_LAST_SEQUENCE || error.err_code == BATCH_DUPLICATE_MESSAGE_ID
             {

@@ -171,3 +171,66 @@ async fn a_batch_with_one_stale_expectation_stores_nothing() {
     );
     broker.cleanup().await;
 }
+
+/// The broker allows a bounded number of atomic batches in flight per stream, shared by
+/// every gateway (nats-server's default is 50; here 1). A batch refused for that reason
+/// stored nothing: it is retried after a short pause, not answered 503.
+#[tokio::test]
+async fn a_batch_over_the_brokers_in_flight_limit_waits_and_is_stored() {
+    let server = test_support::NatsServer::start_with_config(
+        "jetstream { limits { batch { max_inflight_per_stream: 1 } } }",
+    )
+    .await;
+    let broker = server.broker().await;
+    let store = EventStore::new(broker.jetstream.clone(), broker.names.clone());
+
+    // Another writer's batch holds the only slot for 400 ms, then commits.
+    let other = registered(Uuid::now_v7());
+    let subject = broker
+        .names
+        .aggregate_subject(AggregateKind::Student, other.metadata.aggregate_id);
+    let batch_header = |sequence: &str, commit: bool| {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Batch-Id", "held-by-another-writer");
+        headers.insert("Nats-Batch-Sequence", sequence);
+        if commit {
+            headers.insert("Nats-Batch-Commit", "1");
+        }
+        headers
+    };
+    let payload = bytes::Bytes::from(events::encode(&other));
+    broker
+        .client
+        .publish_with_headers(subject.clone(), batch_header("1", false), payload.clone())
+        .await
+        .expect("first message of the held batch");
+    broker.client.flush().await.expect("flushed");
+    let holder = {
+        let client = broker.client.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+            let reply = client
+                .request_with_headers(subject, batch_header("2", true), payload)
+                .await
+                .expect("commit of the held batch");
+            String::from_utf8_lossy(&reply.payload).into_owned()
+        })
+    };
+
+    let (student, course) = (Uuid::now_v7(), Uuid::now_v7());
+    let batch = vec![
+        registered(student),
+        enrolled(AggregateKind::Student, student, course),
+        enrolled(AggregateKind::Course, student, course),
+    ];
+    let expected = BTreeMap::from([
+        (AggregateId::student(student), 0),
+        (AggregateId::course(course), 0),
+    ]);
+    let stored = store.append(&batch, &expected).await;
+    let held = holder.await.expect("holder");
+    assert!(held.contains("\"seq\""), "the held batch committed: {held}");
+    let sequences = stored.expect("the batch waited for a slot instead of failing");
+    assert_eq!(sequences.len(), 3);
+    assert_eq!(stored_messages(&broker).await, 2 + 3);
+}

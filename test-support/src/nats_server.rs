@@ -36,6 +36,8 @@ pub struct NatsServer {
     pub port: u16,
     pub store_dir: PathBuf,
     bin: PathBuf,
+    /// A configuration file the server also reads (limits a test needs), if any.
+    config: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -43,12 +45,24 @@ impl NatsServer {
     /// Starts a server on a free port with a fresh store directory and waits until
     /// JetStream answers.
     pub async fn start() -> NatsServer {
+        Self::start_with_config("").await
+    }
+
+    /// As [`start`](Self::start), with `config` (nats-server configuration syntax) in a
+    /// file the server reads; the command line still sets address, port and store.
+    pub async fn start_with_config(config: &str) -> NatsServer {
         let store_dir = std::env::temp_dir().join(format!("school-nats-{}", unique_suffix()));
         std::fs::create_dir_all(&store_dir).expect("creating the nats store directory");
+        let config = (!config.is_empty()).then(|| {
+            let path = store_dir.with_extension("conf");
+            std::fs::write(&path, config).expect("writing the nats-server configuration");
+            path
+        });
         let mut server = NatsServer {
             port: free_port(),
             store_dir,
             bin: nats_server_bin(),
+            config,
             child: None,
         };
         server.spawn();
@@ -66,7 +80,11 @@ impl NatsServer {
 
     fn spawn(&mut self) {
         assert!(self.child.is_none(), "nats-server is already running");
-        let child = Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args([
                 "-a",
                 "127.0.0.1",
@@ -154,5 +172,8 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop(NatsStop::Kill);
         let _ = std::fs::remove_dir_all(&self.store_dir);
+        if let Some(config) = &self.config {
+            let _ = std::fs::remove_file(config);
+        }
     }
 }
