@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use events::AggregateKind;
 
 use crate::domain::{AggregateId, CourseState, Snapshot, StudentState, course, student};
-use crate::event_store::{EventStore, LoadError};
+use crate::event_store::{EventStore, LoadError, ReadFrom};
 
 /// Entries kept before the cache starts evicting.
 const CACHE_CAPACITY: usize = 100_000;
@@ -100,7 +100,13 @@ impl Aggregates {
             let entry = match cached {
                 Some(entry) if !refresh => entry,
                 cached => {
-                    let entry = self.catch_up(id, cached).await?;
+                    // A refresh decides answers no append checks: read what the leader has.
+                    let from = if refresh {
+                        ReadFrom::Leader
+                    } else {
+                        ReadFrom::AnyReplica
+                    };
+                    let entry = self.catch_up(id, cached, from).await?;
                     self.remember(id, entry.clone());
                     entry
                 }
@@ -147,7 +153,12 @@ impl Aggregates {
         cache.insert(id, entry);
     }
 
-    async fn catch_up(&self, id: AggregateId, cached: Option<Entry>) -> Result<Entry, LoadError> {
+    async fn catch_up(
+        &self,
+        id: AggregateId,
+        cached: Option<Entry>,
+        from: ReadFrom,
+    ) -> Result<Entry, LoadError> {
         let mut entry = cached.unwrap_or(Entry {
             version: 0,
             state: match id.kind {
@@ -155,7 +166,7 @@ impl Aggregates {
                 AggregateKind::Course => State::Course(CourseState::Absent),
             },
         });
-        for (sequence, payload) in self.store.load(id, entry.version).await? {
+        for (sequence, payload) in self.store.load(id, entry.version, from).await? {
             entry.state = match entry.state {
                 State::Student(state) => State::Student(student::evolve(state, &payload)),
                 State::Course(state) => State::Course(course::evolve(state, &payload)),

@@ -9,7 +9,8 @@ use async_nats::header::{
     NATS_BATCH_COMMIT, NATS_BATCH_ID, NATS_BATCH_SEQUENCE, NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
     NATS_MESSAGE_ID,
 };
-use async_nats::jetstream::stream::DirectGetErrorKind;
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::stream::{DirectGetErrorKind, RawMessageErrorKind};
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 use bytes::Bytes;
 use events::{Event, EventPayload, StreamNames};
@@ -69,6 +70,47 @@ pub enum LoadError {
     },
 }
 
+/// Which replica of the stream answers a read.
+///
+/// With `allow_direct` every replica of an R3 stream answers direct gets, and a follower may
+/// not have applied the newest appends yet. That is fine for a read an append's expected
+/// version will check (a stale read only loses the race), not for a read whose answer is
+/// final on its own: those go to the stream leader (`STREAM.MSG.GET`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadFrom {
+    /// Any replica (direct get): fast, possibly behind.
+    AnyReplica,
+    /// The stream leader: every acknowledged append.
+    Leader,
+}
+
+/// The first message on `subject` at or after stream sequence `from_sequence`, if any.
+async fn next_on_subject(
+    stream: &jetstream::stream::Stream<()>,
+    subject: &str,
+    from_sequence: u64,
+    from: ReadFrom,
+) -> Result<Option<StreamMessage>, String> {
+    match from {
+        ReadFrom::AnyReplica => match stream
+            .direct_get_next_for_subject(subject, Some(from_sequence))
+            .await
+        {
+            Ok(message) => Ok(Some(message)),
+            Err(error) if error.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(error) => Err(error.to_string()),
+        },
+        ReadFrom::Leader => match stream
+            .get_first_raw_message_by_subject(subject, from_sequence)
+            .await
+        {
+            Ok(message) => Ok(Some(message)),
+            Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(error) => Err(error.to_string()),
+        },
+    }
+}
+
 /// The event stream's command-side port.
 #[derive(Clone)]
 pub struct EventStore {
@@ -116,11 +158,12 @@ impl EventStore {
     }
 
     /// The events of one aggregate after stream sequence `after`, in order, with their
-    /// sequences. Reads only that aggregate's subject (direct get, any replica).
+    /// sequences. Reads only that aggregate's subject, from where `from` says.
     pub async fn load(
         &self,
         aggregate: AggregateId,
         after: u64,
+        from: ReadFrom,
     ) -> Result<Vec<(u64, EventPayload)>, LoadError> {
         let subject = self.subject(aggregate);
         let stream = self
@@ -130,25 +173,19 @@ impl EventStore {
             .map_err(|e| LoadError::Unavailable(e.to_string()))?;
         let mut events = Vec::new();
         let mut next = after + 1;
-        loop {
-            match stream
-                .direct_get_next_for_subject(subject.as_str(), Some(next))
-                .await
-            {
-                Ok(message) => {
-                    let event =
-                        events::decode(&message.payload).map_err(|e| LoadError::Undecodable {
-                            subject: subject.clone(),
-                            sequence: message.sequence,
-                            reason: e.to_string(),
-                        })?;
-                    events.push((message.sequence, event.payload));
-                    next = message.sequence + 1;
-                }
-                Err(error) if error.kind() == DirectGetErrorKind::NotFound => return Ok(events),
-                Err(error) => return Err(LoadError::Unavailable(error.to_string())),
-            }
+        while let Some(message) = next_on_subject(&stream, &subject, next, from)
+            .await
+            .map_err(LoadError::Unavailable)?
+        {
+            let event = events::decode(&message.payload).map_err(|e| LoadError::Undecodable {
+                subject: subject.clone(),
+                sequence: message.sequence,
+                reason: e.to_string(),
+            })?;
+            events.push((message.sequence, event.payload));
+            next = message.sequence + 1;
         }
+        Ok(events)
     }
 
     /// Appends `events` (in order) if every aggregate they touch is still at the version in
@@ -349,7 +386,9 @@ impl EventStore {
             .get_stream_no_info(self.names.event_stream())
             .await
             .ok()?;
-        let last = stream.direct_get_last_for_subject(subject).await.ok()?;
+        // From the leader: a follower that has not applied the append yet would make a
+        // stored event look lost, and the command would be decided again.
+        let last = stream.get_last_raw_message_by_subject(subject).await.ok()?;
         let id = last.headers.get(NATS_MESSAGE_ID)?.as_str();
         (id == event_id.to_string()).then_some(last.sequence)
     }
@@ -371,10 +410,9 @@ impl EventStore {
         let first_id = events[0].metadata.event_id.to_string();
         let mut next = after + 1;
         loop {
-            let message = stream
-                .direct_get_next_for_subject(subject.as_str(), Some(next))
+            let message = next_on_subject(&stream, &subject, next, ReadFrom::Leader)
                 .await
-                .ok()?;
+                .ok()??;
             if message
                 .headers
                 .get(NATS_MESSAGE_ID)

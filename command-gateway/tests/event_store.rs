@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use command_gateway::domain::AggregateId;
-use command_gateway::event_store::{AppendError, EventStore};
+use command_gateway::event_store::{AppendError, EventStore, ReadFrom};
 use events::{AggregateKind, Enrollment, Event, EventPayload, StudentDetails};
 use test_support::TestBroker;
 use uuid::Uuid;
@@ -106,7 +106,7 @@ async fn a_batch_over_two_aggregates_is_stored_whole_at_consecutive_sequences() 
 
     // Each aggregate's subject holds exactly its own events.
     let on_student = store
-        .load(AggregateId::student(student), 0)
+        .load(AggregateId::student(student), 0, ReadFrom::AnyReplica)
         .await
         .expect("load");
     assert_eq!(
@@ -114,13 +114,13 @@ async fn a_batch_over_two_aggregates_is_stored_whole_at_consecutive_sequences() 
         vec![1, 2]
     );
     let on_course = store
-        .load(AggregateId::course(course), 0)
+        .load(AggregateId::course(course), 0, ReadFrom::Leader)
         .await
         .expect("load");
     assert_eq!(on_course, vec![(3, batch[2].payload.clone())]);
     assert!(
         store
-            .load(AggregateId::course(course), 3)
+            .load(AggregateId::course(course), 3, ReadFrom::Leader)
             .await
             .expect("load")
             .is_empty()
@@ -164,7 +164,7 @@ async fn a_batch_with_one_stale_expectation_stores_nothing() {
     // The course half alone would have passed its check: it was not stored either.
     assert!(
         store
-            .load(AggregateId::course(course), 0)
+            .load(AggregateId::course(course), 0, ReadFrom::Leader)
             .await
             .expect("load")
             .is_empty()

@@ -227,7 +227,7 @@ enum Reached {
     Yes(u64),
     NotYet,
     /// Every event of the projection's kind is applied, but the token lies past the last
-    /// event a direct get saw: a lagging replica, or a token that names no stored event.
+    /// event the stream leader had a moment ago: a token that names no stored event (yet).
     PastStreamEnd,
 }
 

@@ -91,9 +91,11 @@ impl NatsArgs {
     }
 }
 
-/// The newest message on `subjects` (wildcards allowed) of a stream, by JetStream direct
-/// get (`last_by_subj`, answered by any replica; the stream needs `allow_direct`).
-/// `Ok(None)`: the stream holds no such message.
+/// The stream sequence of the newest message on `subjects` (wildcards allowed), as the
+/// stream's leader knows it (`STREAM.MSG.GET` with `last_by_subj`). Not a direct get: with
+/// `allow_direct` any replica answers those, and a follower may not have applied the newest
+/// appends yet, while every caller decides something on this answer (a read-your-writes
+/// wait, where a copy or a history ends). `Ok(None)`: the stream holds no such message.
 pub async fn last_sequence_on(
     client: &async_nats::Client,
     stream: &str,
@@ -103,21 +105,43 @@ pub async fn last_sequence_on(
     let request = serde_json::json!({ "last_by_subj": subjects }).to_string();
     let message = tokio::time::timeout(
         timeout,
-        client.request(format!("$JS.API.DIRECT.GET.{stream}"), request.into()),
+        client.request(format!("$JS.API.STREAM.MSG.GET.{stream}"), request.into()),
     )
     .await
-    .with_context(|| format!("direct get on {stream} timed out"))?
-    .with_context(|| format!("direct get on {stream}"))?;
-    if message.status == Some(async_nats::StatusCode::NOT_FOUND) {
-        return Ok(None);
+    .with_context(|| format!("asking {stream}'s leader for its last message timed out"))?
+    .with_context(|| format!("asking {stream}'s leader for its last message"))?;
+    parse_last_message_sequence(&message.payload)
+        .with_context(|| format!("the last message of {stream}"))
+}
+
+/// JetStream's error code for "no message found".
+const NO_MESSAGE_FOUND: u64 = 10037;
+
+/// The `seq` of a `STREAM.MSG.GET` answer, `None` for "no message found".
+fn parse_last_message_sequence(payload: &[u8]) -> anyhow::Result<Option<u64>> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        message: Option<Stored>,
+        error: Option<ApiError>,
     }
-    let sequence = message
-        .headers
-        .as_ref()
-        .and_then(|headers| headers.get("Nats-Sequence"))
-        .and_then(|value| value.as_str().parse::<u64>().ok())
-        .with_context(|| format!("direct get on {stream} answered no sequence"))?;
-    Ok(Some(sequence))
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        seq: u64,
+    }
+    #[derive(serde::Deserialize)]
+    struct ApiError {
+        #[serde(default)]
+        err_code: u64,
+        #[serde(default)]
+        description: String,
+    }
+    let answer: Answer = serde_json::from_slice(payload).context("unreadable answer")?;
+    match (answer.message, answer.error) {
+        (Some(stored), _) => Ok(Some(stored.seq)),
+        (None, Some(error)) if error.err_code == NO_MESSAGE_FOUND => Ok(None),
+        (None, Some(error)) => anyhow::bail!("{} ({})", error.description, error.err_code),
+        (None, None) => anyhow::bail!("an answer with neither message nor error"),
+    }
 }
 
 /// The oldest nats-server this system runs on: 2.14.0 is the first with consumer reset
@@ -217,6 +241,17 @@ fn reconnect_delay(attempt: usize) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_last_message_answer_gives_its_sequence_and_no_message_gives_none() {
+        let found = br#"{"type":"io.nats.jetstream.api.v1.stream_msg_get_response","message":{"subject":"a.b","seq":42,"data":"","time":"2026-12-03T00:00:00Z"}}"#;
+        assert_eq!(parse_last_message_sequence(found).expect("found"), Some(42));
+        let none = br#"{"type":"x","error":{"code":404,"err_code":10037,"description":"no message found"}}"#;
+        assert_eq!(parse_last_message_sequence(none).expect("none"), None);
+        let other = br#"{"type":"x","error":{"code":503,"err_code":10008,"description":"JetStream system temporarily unavailable"}}"#;
+        assert!(parse_last_message_sequence(other).is_err());
+        assert!(parse_last_message_sequence(b"not json").is_err());
+    }
 
     #[test]
     fn servers_older_than_2_14_are_refused_with_both_versions_named() {
