@@ -84,11 +84,28 @@ impl NatsArgs {
         if in_background {
             options = options.retry_on_initial_connect();
         }
+        let servers = server_list(&self.nats_url)?;
         options
-            .connect(self.nats_url.as_str())
+            .connect(servers)
             .await
             .with_context(|| format!("connecting to NATS at {}", self.nats_url))
     }
+}
+
+/// `NATS_URL` as a server list: one URL or several separated by commas (a cluster's nodes,
+/// tried in turn). async-nats parses a `&str` as a single URL, so the list is split here.
+fn server_list(urls: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+    let servers = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(|url| {
+            url.parse::<async_nats::ServerAddr>()
+                .with_context(|| format!("NATS_URL: `{url}` is not a NATS server URL"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(!servers.is_empty(), "NATS_URL names no server");
+    Ok(servers)
 }
 
 /// The stream sequence of the newest message on `subjects` (wildcards allowed), as the
@@ -241,6 +258,16 @@ fn reconnect_delay(attempt: usize) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nats_url_is_one_url_or_a_comma_separated_list() {
+        assert_eq!(server_list("nats://127.0.0.1:4222").expect("one").len(), 1);
+        let three = server_list("nats://10.0.0.1:4222, nats://10.0.0.2:4222,nats://n3:4222")
+            .expect("three");
+        assert_eq!(three.len(), 3);
+        assert!(server_list("nats://a:1,nats://b:notaport").is_err());
+        assert!(server_list(" , ").is_err());
+    }
 
     #[test]
     fn a_last_message_answer_gives_its_sequence_and_no_message_gives_none() {
