@@ -9,11 +9,14 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
+mod nats_cluster;
 mod nats_server;
+mod netns;
 mod old_nats;
 mod postgres_server;
 mod process;
 mod tcp_proxy;
+pub use nats_cluster::{NatsCluster, NatsClusterOptions};
 pub use nats_server::{NatsServer, NatsStop};
 pub use old_nats::NatsVersionStandIn;
 pub use postgres_server::{PgStop, PostgresServer};
