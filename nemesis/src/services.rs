@@ -1,0 +1,144 @@
+//! The services as the chart runs them: separate processes of the real binaries, configured
+//! by environment, each with its own ports on loopback.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use test_support::{ServiceProcess, free_port};
+
+/// The directory of the workspace's binaries: the test executable lives in
+/// `target/<profile>/deps/`, the service binaries one level up (`scripts/dev test` builds
+/// them before the tests; `cargo nextest run --workspace` builds them for their own crates'
+/// tests).
+pub fn binary(name: &str) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("the test executable: {e}"))?;
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .ok_or("the test executable has no target directory")?;
+    let path = dir.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{} is not built (run `cargo build --workspace` or `scripts/dev test`)",
+            path.display()
+        ))
+    }
+}
+
+/// What every service of one run shares.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    pub prefix: String,
+    pub api_keys: String,
+    pub database_url: String,
+    pub redis_url: String,
+}
+
+/// One running service.
+pub struct Service {
+    pub name: String,
+    pub process: ServiceProcess,
+    /// The HTTP port (API, `/readyz`, `/metrics`).
+    pub port: u16,
+    pub grpc_port: Option<u16>,
+}
+
+impl Service {
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Waits (bounded) until `/readyz` answers 200.
+    pub async fn wait_ready(&mut self, http: &reqwest::Client) {
+        let url = format!("{}/readyz", self.url());
+        self.process
+            .wait_until(|| {
+                let request = http.get(&url).timeout(Duration::from_millis(500));
+                async move { request.send().await.is_ok_and(|r| r.status().is_success()) }
+            })
+            .await;
+    }
+
+    /// SIGTERM, then SIGKILL after a grace period.
+    pub async fn stop(&mut self) {
+        self.process.sigterm();
+        if self
+            .process
+            .exit_within(Duration::from_secs(10))
+            .await
+            .is_none()
+        {
+            self.process.kill();
+        }
+    }
+}
+
+fn spawn(name: &str, binary: &str, env: &[(&str, String)]) -> Result<Service, String> {
+    let port = free_port();
+    let mut command = Command::new(self::binary(binary)?);
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env(
+            "RUST_LOG",
+            std::env::var("NEMESIS_SERVICE_LOG").unwrap_or_else(|_| "error".into()),
+        )
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let mut service = Service {
+        name: name.to_owned(),
+        process: ServiceProcess::spawn(name, &mut command),
+        port,
+        grpc_port: None,
+    };
+    if let Some((_, grpc)) = env.iter().find(|(k, _)| *k == "GRPC_LISTEN_ADDR") {
+        service.grpc_port = grpc.rsplit(':').next().and_then(|p| p.parse().ok());
+    }
+    Ok(service)
+}
+
+pub fn gateway(name: &str, nats_urls: &str, shared: &Shared) -> Result<Service, String> {
+    spawn(
+        name,
+        "command-gateway",
+        &[
+            ("NATS_URL", nats_urls.to_owned()),
+            ("STREAM_PREFIX", shared.prefix.clone()),
+            ("API_KEYS", shared.api_keys.clone()),
+        ],
+    )
+}
+
+pub fn query_api(name: &str, nats_urls: &str, shared: &Shared) -> Result<Service, String> {
+    spawn(
+        name,
+        "query-api",
+        &[
+            ("NATS_URL", nats_urls.to_owned()),
+            ("STREAM_PREFIX", shared.prefix.clone()),
+            ("API_KEYS", shared.api_keys.clone()),
+            ("DATABASE_URL", shared.database_url.clone()),
+            ("REDIS_URL", shared.redis_url.clone()),
+            ("GRPC_LISTEN_ADDR", format!("127.0.0.1:{}", free_port())),
+        ],
+    )
+}
+
+pub fn projectors(name: &str, nats_urls: &str, shared: &Shared) -> Result<Service, String> {
+    spawn(
+        name,
+        "projectors",
+        &[
+            ("NATS_URL", nats_urls.to_owned()),
+            ("STREAM_PREFIX", shared.prefix.clone()),
+            ("DATABASE_URL", shared.database_url.clone()),
+            ("REDIS_URL", shared.redis_url.clone()),
+            ("PROJECTOR_REPLICA_NAME", name.to_owned()),
+        ],
+    )
+}
