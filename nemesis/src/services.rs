@@ -11,12 +11,19 @@ use test_support::{ServiceProcess, free_port};
 /// `target/<profile>/deps/`, the service binaries one level up (`scripts/dev test` builds
 /// them before the tests; `cargo nextest run --workspace` builds them for their own crates'
 /// tests).
+/// `NEMESIS_BIN_DIR` names another directory (a release build, or an older build to show
+/// that a test fails on it).
 pub fn binary(name: &str) -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("the test executable: {e}"))?;
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .ok_or("the test executable has no target directory")?;
+    let dir = match std::env::var_os("NEMESIS_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe().map_err(|e| format!("the test executable: {e}"))?;
+            exe.parent()
+                .and_then(|deps| deps.parent())
+                .ok_or("the test executable has no target directory")?
+                .to_path_buf()
+        }
+    };
     let path = dir.join(name);
     if path.is_file() {
         Ok(path)
@@ -88,7 +95,12 @@ fn spawn(name: &str, binary: &str, env: &[(&str, String)]) -> Result<Service, St
             std::env::var("NEMESIS_SERVICE_LOG").unwrap_or_else(|_| "error".into()),
         )
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdout(Stdio::null())
+        // The services log JSON to stdout: shown only when a log level is asked for.
+        .stdout(if std::env::var_os("NEMESIS_SERVICE_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .stderr(Stdio::inherit());
     let mut service = Service {
         name: name.to_owned(),

@@ -169,6 +169,7 @@ async fn the_production_shape_keeps_every_guarantee_under_a_nemesis() {
     let cluster = NatsCluster::start(NatsClusterOptions {
         nodes: 3,
         sync_interval: Some("always".into()),
+        ..Default::default()
     })
     .await;
     let broker = cluster.broker().await;

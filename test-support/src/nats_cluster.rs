@@ -55,6 +55,9 @@ pub struct NatsClusterOptions {
     /// `jetstream { sync_interval: … }`: `None` keeps the server default (fsync every 2
     /// minutes), `Some("always")` fsyncs every write.
     pub sync_interval: Option<String>,
+    /// More top-level configuration for every node (e.g. a short `ping_interval`, so a
+    /// test sees a cut route declared dead in seconds instead of minutes).
+    pub extra_config: String,
 }
 
 impl Default for NatsClusterOptions {
@@ -62,6 +65,7 @@ impl Default for NatsClusterOptions {
         NatsClusterOptions {
             nodes: 3,
             sync_interval: None,
+            extra_config: String::new(),
         }
     }
 }
@@ -134,7 +138,7 @@ impl NatsCluster {
                     &store_dir,
                     options.sync_interval.as_deref(),
                     &routes,
-                );
+                ) + &options.extra_config;
                 std::fs::write(&config, text)
                     .unwrap_or_else(|e| panic!("writing {} ({e})", config.display()));
                 Node {
@@ -496,6 +500,18 @@ impl NatsCluster {
     /// runs on; it survives [`NatsCluster::restart`].
     pub fn partition(&mut self, i: usize) {
         self.network.partition(i);
+    }
+
+    /// Cuts node `i` off from the other nodes while clients still reach it (blackhole
+    /// routes between it and each peer): it stays up and answers, but misses every write
+    /// the others commit. Undo with [`NatsCluster::rejoin_peers`].
+    pub fn isolate_from_peers(&mut self, i: usize) {
+        self.network.isolate_from_peers(i);
+    }
+
+    /// Undoes [`NatsCluster::isolate_from_peers`].
+    pub fn rejoin_peers(&mut self, i: usize) {
+        self.network.rejoin_peers(i);
     }
 
     /// Undoes [`NatsCluster::partition`]: packets flow again, and stalled connections

@@ -382,6 +382,31 @@ impl Network {
         self.partitioned[node] = true;
     }
 
+    /// Cuts node `node` off from the other nodes only: a blackhole route to each peer in its
+    /// namespace and to it in each peer's. The root namespace (clients) still reaches it, so
+    /// a client connected to it talks to a node that falls behind the cluster.
+    pub(crate) fn isolate_from_peers(&mut self, node: usize) {
+        self.peer_routes(node, "add");
+    }
+
+    /// Undoes [`Network::isolate_from_peers`].
+    pub(crate) fn rejoin_peers(&mut self, node: usize) {
+        self.peer_routes(node, "del");
+    }
+
+    fn peer_routes(&self, node: usize, action: &str) {
+        for peer in (0..self.nodes).filter(|peer| *peer != node) {
+            for (from, to) in [(node, peer), (peer, node)] {
+                let (namespace, address) = (self.namespace(from), format!("{}/32", self.ip(to)));
+                run(
+                    "ip",
+                    &["-n", &namespace, "route", action, "blackhole", &address],
+                )
+                .unwrap_or_else(|e| panic!("route {action} between n{from} and n{to}: {e}"));
+            }
+        }
+    }
+
     /// Takes the dropping queues of [`Network::partition`] away again.
     pub(crate) fn heal(&mut self, node: usize) {
         if !self.partitioned[node] {
