@@ -127,10 +127,13 @@ impl Consistency {
                     }
                     Reached::NotYet => {}
                     Reached::PastStreamEnd if !asked_leader => {
-                        asked_leader = true;
-                        if let Some(end) = self.stream_end().await.filter(|end| *end < token) {
-                            token = end;
-                            continue;
+                        // Asked again on the next round while the answer is not trusted.
+                        if let Some(end) = self.stream_end().await {
+                            asked_leader = true;
+                            if end < token {
+                                token = end;
+                                continue;
+                            }
                         }
                     }
                     Reached::PastStreamEnd => {}
@@ -182,13 +185,29 @@ impl Consistency {
     }
 
     /// The stream's last sequence as its leader knows it (stream info); `None` when the
-    /// stream cannot be asked right now.
+    /// stream cannot be asked right now, or when the answer may be stale.
+    ///
+    /// A token is lowered to this end, so it must not come from a replica that only
+    /// believes it leads: a leader paused (or cut off) past an election resumes still
+    /// answering as leader until it hears of the new term, with the end it had (the nemesis
+    /// test found a read-your-writes read lowered that way). Trusted only when the
+    /// answering leader heard from a majority of the replicas within the last second.
     async fn stream_end(&self) -> Option<u64> {
         let nats = self.nats.as_ref()?;
         let jetstream = async_nats::jetstream::new(nats.clone());
         let stream = self.names.event_stream();
         match tokio::time::timeout(STREAM_CHECK_TIMEOUT, jetstream.get_stream(&stream)).await {
-            Ok(Ok(stream)) => Some(stream.cached_info().state.last_sequence),
+            Ok(Ok(stream)) => {
+                let info = stream.cached_info();
+                if leader_in_contact(info.config.num_replicas, info.cluster.as_ref()) {
+                    Some(info.state.last_sequence)
+                } else {
+                    tracing::warn!(
+                        "the stream leader's end is not trusted: it has not heard from a majority lately"
+                    );
+                    None
+                }
+            }
             Ok(Err(error)) => {
                 tracing::warn!(%error, "cannot ask the stream leader for the stream's end");
                 None
@@ -221,6 +240,31 @@ impl Consistency {
     }
 }
 
+/// Longest silence of a follower a leader may report and still be trusted to lead: Raft
+/// heartbeats go out every second, an election takes 4 to 9 s of silence.
+const FOLLOWER_SILENCE: Duration = Duration::from_secs(3);
+
+/// Whether a stream leader's answer is its own as a leader with quorum: together with the
+/// followers it heard from within [`FOLLOWER_SILENCE`] (and that are current), a majority
+/// of `replicas`. A single-replica stream has no one to hear from.
+fn leader_in_contact(
+    replicas: usize,
+    cluster: Option<&async_nats::jetstream::stream::ClusterInfo>,
+) -> bool {
+    if replicas <= 1 {
+        return true;
+    }
+    let Some(cluster) = cluster else {
+        return false;
+    };
+    let heard = cluster
+        .replicas
+        .iter()
+        .filter(|peer| peer.current && !peer.offline && peer.active <= FOLLOWER_SILENCE)
+        .count();
+    cluster.leader.is_some() && 1 + heard > replicas / 2
+}
+
 /// Whether a projection reflects a token.
 enum Reached {
     /// It does; the cache must serve entries read at or after this position.
@@ -235,4 +279,57 @@ enum LastEvent {
     /// The stream holds no event of this kind.
     None,
     At(u64),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(
+        leader: bool,
+        replicas: &[(bool, f64)],
+    ) -> async_nats::jetstream::stream::ClusterInfo {
+        let peers: Vec<serde_json::Value> = replicas
+            .iter()
+            .enumerate()
+            .map(|(i, (current, active_s))| {
+                serde_json::json!({"name": format!("n{i}"), "current": current, "active": (active_s * 1e9) as u64, "offline": false})
+            })
+            .collect();
+        let mut info = serde_json::json!({"name": "c", "replicas": peers});
+        if leader {
+            info["leader"] = "n9".into();
+        }
+        serde_json::from_value(info).expect("cluster info")
+    }
+
+    #[test]
+    fn a_leader_is_trusted_only_with_a_majority_heard_from_lately() {
+        assert!(leader_in_contact(1, None), "a single replica needs no one");
+        assert!(!leader_in_contact(3, None));
+        assert!(leader_in_contact(
+            3,
+            Some(&cluster(true, &[(true, 0.2), (true, 0.4)]))
+        ));
+        assert!(
+            leader_in_contact(3, Some(&cluster(true, &[(true, 0.2), (false, 12.0)]))),
+            "one follower and the leader are a majority of 3"
+        );
+        // A leader resumed after a pause past an election: it last heard of both 11 s ago.
+        assert!(!leader_in_contact(
+            3,
+            Some(&cluster(true, &[(true, 11.0), (true, 11.2)]))
+        ));
+        assert!(!leader_in_contact(
+            3,
+            Some(&cluster(false, &[(true, 0.2), (true, 0.2)]))
+        ));
+        assert!(!leader_in_contact(
+            5,
+            Some(&cluster(
+                true,
+                &[(true, 0.2), (false, 0.2), (true, 9.0), (true, 9.0)]
+            ))
+        ));
+    }
 }
