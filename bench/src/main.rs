@@ -5,7 +5,9 @@
 //! Needs the local stack's NATS, Postgres and Redis (`scripts/dev bench` starts them and
 //! builds in release mode). Each figure runs on streams and a database of its own, with the
 //! services started as processes of their own from the release binaries next to this one.
+//! The durability rows start 3-node JetStream clusters of their own (`cluster.rs`).
 
+mod cluster;
 mod figures;
 mod hello;
 mod load;
@@ -91,6 +93,10 @@ struct Args {
     /// Where the chart goes.
     #[arg(long, default_value = "bench.png")]
     chart: PathBuf,
+    /// Where the bench's 3-node clusters keep their JetStream stores (removed after each
+    /// run). Its filesystem decides what an fsync costs: not tmpfs.
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    cluster_store: PathBuf,
     /// Measure only these parts (for profiling one figure; prints the table, writes nothing).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Part>,
@@ -109,6 +115,9 @@ enum Part {
     Projection,
     /// The full replay.
     Replay,
+    /// Create commands and their publish-with-ack ceiling on 3-node clusters (R3), with the
+    /// server's default sync_interval and with `always`.
+    Cluster,
 }
 
 impl Args {
@@ -253,6 +262,12 @@ async fn all(args: Args) -> anyhow::Result<()> {
     let mut reads: [Vec<Run>; 6] = Default::default();
     let mut visible = Vec::new();
     let mut round_trip = Vec::new();
+    let mut cluster_figures = cluster::ClusterFigures::default();
+    let nats_server = if args.measures(Part::Cluster) {
+        Some(cluster::nats_server_bin()?)
+    } else {
+        None
+    };
 
     let hello = start_hello().await?;
     for run in 1..=args.runs {
@@ -302,6 +317,26 @@ async fn all(args: Args) -> anyhow::Result<()> {
         }
         drop(system);
         world.cleanup().await;
+
+        if let Some(nats_server) = &nats_server {
+            for sync in cluster::ClusterFigures::SETTINGS {
+                say(&format!(
+                    "create commands and publish-with-ack on a 3-node cluster (R3), {}",
+                    sync.describe()
+                ));
+                let runs = cluster::create_commands(
+                    nats_server,
+                    &args.cluster_store,
+                    &bin_dir,
+                    sync,
+                    c,
+                    warmup,
+                    duration,
+                )
+                .await?;
+                cluster_figures.push(sync, runs);
+            }
+        }
 
         if args.measures(Part::Peer) {
             say("the peer: cqrs-es + postgres-es");
@@ -355,6 +390,7 @@ async fn all(args: Args) -> anyhow::Result<()> {
 
     let replay_notes: Vec<String> = replay.iter().map(|r| r.note.clone()).collect();
     let broker_notes: Vec<String> = unnest_with_broker.iter().map(|r| r.note.clone()).collect();
+    let cluster_note = cluster_figures.note();
     let rows = rows(
         &args,
         commands,
@@ -366,6 +402,7 @@ async fn all(args: Args) -> anyhow::Result<()> {
         reads,
         visible,
         round_trip,
+        cluster_figures,
     );
     if !args.only.is_empty() {
         let measured: Vec<Row> = rows.into_iter().filter(|r| !r.runs.is_empty()).collect();
@@ -374,9 +411,17 @@ async fn all(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let table = report::table(&rows);
+    let cluster_store = format!(
+        "{} ({})",
+        args.cluster_store.display(),
+        cluster::filesystem_of(&args.cluster_store)
+    );
     println!("{table}");
     println!("Replay runs: {}.", replay_notes.join("; "));
     println!("Broker beside the ceiling: {}.", broker_notes.join("; "));
+    println!(
+        "Cluster runs, CPU s of the 3 NATS nodes during the commands / the ceiling: {cluster_note} (stores in {cluster_store})."
+    );
     if args.tiny {
         say("tiny run: nothing written");
         return Ok(());
@@ -392,7 +437,10 @@ async fn all(args: Args) -> anyhow::Result<()> {
          (NATS, Postgres and Redis are not counted; 0 where the measured code runs inside\n\
          the bench process).\n\n{table}\nReplay runs: {notes}.\n\n\
          Broker beside the projector's ceiling (the bare consumer of the broker-busy row): {broker}.\n\n\
+         The R3 rows: {cluster_text}\n\n\
+         CPU s of the 3 NATS nodes in each cluster run (during the commands / during the ceiling): {cluster_note}.\n\n\
          ![throughput and latency](bench.png)\n",
+        cluster_text = cluster::REPORT_TEXT.replace("{store}", &cluster_store),
         notes = replay_notes.join("; "),
         broker = broker_notes.join("; "),
         date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
@@ -425,6 +473,7 @@ fn rows(
     reads: [Vec<Run>; 6],
     visible: Vec<Run>,
     round_trip: Vec<Run>,
+    cluster: cluster::ClusterFigures,
 ) -> Vec<Row> {
     let rate = |runs: &[Run]| median(runs, |r| r.rate);
     let p99 = |runs: &[Run]| median(runs, |r| r.p99_ms);
@@ -451,7 +500,7 @@ fn rows(
     let rest_met = rate(&rest) >= 30_000.0 && p99(&rest) <= 5.0 && ratio(&rest, &hello_rest) >= 0.6;
     let grpc_met = rate(&grpc) >= 20_000.0 && p99(&grpc) <= 5.0 && ratio(&grpc, &hello_grpc) >= 0.6;
     let peer_met = rate(&commands) > rate(&peer);
-    vec![
+    let mut rows = vec![
         Row {
             label: "create commands",
             figure: "create commands over HTTP (expected sequence + Nats-Msg-Id)".into(),
@@ -582,5 +631,36 @@ fn rows(
             chart: true,
             compare: Compare::Rate,
         },
-    ]
+    ];
+    // Next to the one-node create-commands row.
+    rows.splice(1..1, cluster_rows(cluster));
+    rows
+}
+
+/// Create commands on the 3-node cluster, per sync_interval, each against the
+/// publish-with-ack ceiling of its own cluster.
+fn cluster_rows(cluster: cluster::ClusterFigures) -> Vec<Row> {
+    let cluster::ClusterFigures { commands, publish } = cluster;
+    let labels = ["commands, R3", "commands, R3 always"];
+    commands
+        .into_iter()
+        .zip(publish)
+        .zip(cluster::ClusterFigures::SETTINGS)
+        .zip(labels)
+        .map(|(((runs, ceiling), sync), label)| Row {
+            label,
+            figure: format!(
+                "create commands over HTTP, 3-node cluster, R3 streams, {}",
+                sync.describe()
+            ),
+            unit: "/s",
+            met: None,
+            runs,
+            ceiling_name: "JetStream publish-with-ack, same cluster".into(),
+            ceiling,
+            target: "— (the cost of durability; §10's target is the one-node row)".into(),
+            chart: true,
+            compare: Compare::Rate,
+        })
+        .collect()
 }
