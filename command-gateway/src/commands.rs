@@ -2,12 +2,14 @@
 //! lost race reload and decide again, a bounded number of times.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use events::{Event, EventMetadata, TraceContext};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
+use serde::{Deserialize, Serialize};
 use service_kit::metrics;
 use uuid::Uuid;
 
@@ -54,6 +56,112 @@ pub enum CommandError {
     Load(#[from] LoadError),
     #[error("{0}")]
     Unavailable(String),
+    /// An earlier attempt of the same request (see [`AppendJournal::earlier`]) is in the
+    /// stream: the command took effect then, and is not decided again.
+    #[error("earlier attempt {} of this request is stored", .0.index)]
+    EarlierAttemptStored(StoredAttempt),
+}
+
+/// An append as it is sent, with what it takes to find it in the stream later and to say
+/// which versions it made: with an `Idempotency-Key` it is recorded before it is sent, so a
+/// retry can tell whether it was stored even when no answer ever came back.
+///
+/// If the broker stores it, its first event is the first message on that aggregate's
+/// subject after `expected_version` (the broker checks that version), and its events get
+/// consecutive sequences (one message or one atomic batch).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SentAppend {
+    /// `student` or `course`: the aggregate of the first event.
+    pub aggregate_kind: String,
+    pub aggregate_id: Uuid,
+    pub expected_version: u64,
+    /// Its event id, which is also its `Nats-Msg-Id`.
+    pub first_event_id: Uuid,
+    pub event_count: u64,
+    /// Position in the append of the addressed aggregate's last event; `None` when the
+    /// append does not touch it (then its version stays `target_version_read`).
+    pub target_event: Option<u64>,
+    pub target_version_read: u64,
+}
+
+impl SentAppend {
+    fn new(events: &[Event], target: AggregateId, versions: &BTreeMap<AggregateId, u64>) -> Self {
+        let aggregate = |event: &Event| AggregateId {
+            kind: event.metadata.aggregate_kind,
+            id: event.metadata.aggregate_id,
+        };
+        let first = events.first().map(aggregate).unwrap_or(target);
+        SentAppend {
+            aggregate_kind: first.kind.as_str().to_owned(),
+            aggregate_id: first.id,
+            expected_version: versions.get(&first).copied().unwrap_or(0),
+            first_event_id: events.first().map_or(Uuid::nil(), |e| e.metadata.event_id),
+            event_count: events.len() as u64,
+            target_event: events
+                .iter()
+                .rposition(|event| aggregate(event) == target)
+                .map(|index| index as u64),
+            target_version_read: versions.get(&target).copied().unwrap_or(0),
+        }
+    }
+
+    fn first_aggregate(&self) -> Option<AggregateId> {
+        Some(AggregateId {
+            kind: events::AggregateKind::parse(&self.aggregate_kind)?,
+            id: self.aggregate_id,
+        })
+    }
+
+    /// The addressed aggregate's version and the command's position, had the append been
+    /// stored with its first event at `first_sequence`: what its answer would have said.
+    pub fn versions_at(&self, first_sequence: u64) -> (u64, u64) {
+        let target_version = self
+            .target_event
+            .map_or(self.target_version_read, |index| first_sequence + index);
+        let position = first_sequence + self.event_count.saturating_sub(1);
+        (target_version, position)
+    }
+}
+
+/// Sequence and `Nats-Msg-Id` of a message.
+type FirstMessage = (u64, Option<String>);
+
+/// Which earlier attempt is stored, and where its first event is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredAttempt {
+    /// Index into [`AppendJournal::earlier`].
+    pub index: usize,
+    pub first_sequence: u64,
+}
+
+/// What a command records about its appends, for an `Idempotency-Key`.
+pub trait AppendJournal: Send {
+    /// Appends that earlier requests of this same command sent and never saw confirmed;
+    /// any of them may be stored, or land still. Before deciding, after a lost race and
+    /// before an answer that appends nothing, the command looks for them in the stream.
+    fn earlier(&self) -> Vec<SentAppend>;
+
+    /// Records `append` before it is sent; `accepted` is the answer it makes if stored,
+    /// with both positions 0 (see [`SentAppend::versions_at`]). An error means nothing is
+    /// sent and the command is answered as unavailable.
+    fn before_append(
+        &mut self,
+        append: SentAppend,
+        accepted: &Accepted,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// For commands without an `Idempotency-Key`: records nothing.
+pub struct NoJournal;
+
+impl AppendJournal for NoJournal {
+    fn earlier(&self) -> Vec<SentAppend> {
+        Vec::new()
+    }
+
+    async fn before_append(&mut self, _: SentAppend, _: &Accepted) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Instruments of the command path.
@@ -106,6 +214,7 @@ impl CommandError {
             CommandError::Contention => "contention",
             CommandError::Load(_) => "load_failed",
             CommandError::Unavailable(_) => "unavailable",
+            CommandError::EarlierAttemptStored(_) => "earlier_attempt_stored",
         }
     }
 }
@@ -133,7 +242,30 @@ impl CommandService {
         context: &CommandContext,
         if_match: Option<&[u64]>,
     ) -> Result<Accepted, CommandError> {
-        let result = self.decide_and_append(command, context, if_match).await;
+        self.execute_recorded(command, context, if_match, &mut NoJournal)
+            .await
+    }
+
+    /// [`execute`](Self::execute), telling `journal` about each append before it is sent
+    /// and first looking for the appends of its earlier attempts.
+    pub async fn execute_recorded(
+        &self,
+        command: &Command,
+        context: &CommandContext,
+        if_match: Option<&[u64]>,
+        journal: &mut impl AppendJournal,
+    ) -> Result<Accepted, CommandError> {
+        let earlier = journal.earlier();
+        let result = match self.find_stored(&earlier).await {
+            Ok(Some(stored)) => Err(CommandError::EarlierAttemptStored(stored)),
+            Ok(None) => {
+                let result = self
+                    .decide_and_append(command, context, if_match, &earlier, journal)
+                    .await;
+                self.unless_stored_earlier(result, &earlier).await
+            }
+            Err(error) => Err(error.into()),
+        };
         let label = match &result {
             Ok(accepted) if accepted.appended == 0 => "unchanged",
             Ok(_) => "accepted",
@@ -175,14 +307,80 @@ impl CommandService {
         })
     }
 
+    /// An earlier attempt that lands after this one read the stream makes every later
+    /// decision moot: this one then finds its work done (an answer that appends nothing) or
+    /// loses the race for the same version. Either way the earlier attempt is the answer.
+    async fn unless_stored_earlier(
+        &self,
+        result: Result<Accepted, CommandError>,
+        earlier: &[SentAppend],
+    ) -> Result<Accepted, CommandError> {
+        let appended_nothing = match &result {
+            Ok(accepted) => accepted.appended == 0,
+            Err(CommandError::Rule(_) | CommandError::PreconditionFailed { .. }) => true,
+            Err(CommandError::Contention) => true,
+            Err(_) => false,
+        };
+        if !appended_nothing || earlier.is_empty() {
+            return result;
+        }
+        match self.find_stored(earlier).await {
+            Ok(Some(stored)) => Err(CommandError::EarlierAttemptStored(stored)),
+            Ok(None) => result,
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// The first of `appends` that is in the stream. Each is looked for where it can only
+    /// be: the first message after its expected version on its first aggregate's subject,
+    /// read from the stream leader (a follower may not have it yet).
+    pub async fn find_stored(
+        &self,
+        appends: &[SentAppend],
+    ) -> Result<Option<StoredAttempt>, LoadError> {
+        // Attempts that expected the same version of the same aggregate compete for one
+        // place: one read answers for all of them.
+        let mut read: BTreeMap<(AggregateId, u64), Option<FirstMessage>> = BTreeMap::new();
+        for (index, append) in appends.iter().enumerate() {
+            let Some(aggregate) = append.first_aggregate() else {
+                continue;
+            };
+            let place = (aggregate, append.expected_version);
+            let first = match read.get(&place) {
+                Some(first) => first.clone(),
+                None => {
+                    let first = self
+                        .aggregates
+                        .store()
+                        .first_after(aggregate, append.expected_version)
+                        .await?;
+                    read.insert(place, first.clone());
+                    first
+                }
+            };
+            if let Some((sequence, Some(id))) = first
+                && id == append.first_event_id.to_string()
+            {
+                return Ok(Some(StoredAttempt {
+                    index,
+                    first_sequence: sequence,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
     /// Executes `command`. `if_match` holds the versions of the addressed aggregate the
     /// client accepts (`If-Match`), checked against the version the decision reads.
-    /// Loads, decides and appends, deciding again after a lost race.
+    /// Loads, decides and appends, deciding again after a lost race. Each append is shown
+    /// to `journal` before it is sent; a lost race first looks for `earlier` appends.
     async fn decide_and_append(
         &self,
         command: &Command,
         context: &CommandContext,
         if_match: Option<&[u64]>,
+        earlier: &[SentAppend],
+        journal: &mut impl AppendJournal,
     ) -> Result<Accepted, CommandError> {
         let target = command.target();
         // An answer that appends nothing (a 412, a rule's refusal, a no-op) is given only
@@ -252,6 +450,21 @@ impl CommandService {
                     payload: change.payload.clone(),
                 })
                 .collect();
+            // The answer this append makes if stored, for the journal to keep with it. The
+            // snapshot is not needed for the append, and is read again after a lost race.
+            snapshot.apply(&changes);
+            let planned = Accepted {
+                target_version: 0,
+                position: 0,
+                snapshot,
+                appended: events.len(),
+                attempts: attempt,
+            };
+            journal
+                .before_append(SentAppend::new(&events, target, &versions), &planned)
+                .await
+                .map_err(CommandError::Unavailable)?;
+            let snapshot = planned.snapshot;
             let started = Instant::now();
             let appended = self.aggregates.store().append(&events, &versions).await;
             let kind = if events.len() == 1 { "single" } else { "batch" };
@@ -261,7 +474,6 @@ impl CommandService {
             );
             match appended {
                 Ok(sequences) => {
-                    snapshot.apply(&changes);
                     for (change, sequence) in changes.iter().zip(&sequences) {
                         versions.insert(change.aggregate, *sequence);
                     }
@@ -280,6 +492,10 @@ impl CommandService {
                         .conflicts
                         .add(1, &[KeyValue::new("command", command.name())]);
                     tracing::debug!(attempt, aggregate = %target.id, "lost a race; deciding again");
+                    // Perhaps to an earlier attempt of this very request, landing late.
+                    if let Some(stored) = self.find_stored(earlier).await? {
+                        return Err(CommandError::EarlierAttemptStored(stored));
+                    }
                     // Spread competing retries out a little.
                     let jitter = u64::from(Uuid::new_v4().as_bytes()[0] % 8);
                     tokio::time::sleep(Duration::from_millis(jitter * u64::from(attempt))).await;
@@ -333,4 +549,47 @@ fn is_creation(command: &Command) -> bool {
         command,
         Command::RegisterStudent { .. } | Command::CreateCourse { .. }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use events::EventPayload;
+
+    fn event(aggregate: AggregateId) -> Event {
+        Event {
+            metadata: EventMetadata {
+                event_id: Uuid::now_v7(),
+                aggregate_kind: aggregate.kind,
+                aggregate_id: aggregate.id,
+                occurred_at: Utc::now(),
+                correlation_id: Uuid::nil(),
+                causation_id: Uuid::nil(),
+                trace: TraceContext::default(),
+            },
+            payload: EventPayload::StudentDeleted,
+        }
+    }
+
+    #[test]
+    fn a_sent_append_answers_the_versions_its_stored_events_got() {
+        let (student, course) = (
+            AggregateId::student(Uuid::from_u128(1)),
+            AggregateId::course(Uuid::from_u128(2)),
+        );
+        let versions = BTreeMap::from([(student, 4), (course, 9)]);
+        // Enrollment: the student's event first, then the course's.
+        let events = [event(student), event(course)];
+        let sent = SentAppend::new(&events, student, &versions);
+        assert_eq!(sent.first_aggregate(), Some(student));
+        assert_eq!(sent.expected_version, 4);
+        assert_eq!(sent.first_event_id, events[0].metadata.event_id);
+        assert_eq!(sent.versions_at(20), (20, 21));
+        // A course deletion forgetting the student: the target's event is the first.
+        let sent = SentAppend::new(&[event(course), event(student)], course, &versions);
+        assert_eq!(sent.versions_at(30), (30, 31));
+        // An append that does not touch the target leaves its version as read.
+        let sent = SentAppend::new(&[event(course)], student, &versions);
+        assert_eq!(sent.versions_at(40), (4, 40));
+    }
 }

@@ -434,3 +434,37 @@ impl EventStore {
             .map_err(|error| format!("event stream {}: {error}", self.names.event_stream()))
     }
 }
+
+// For `Idempotency-Key` retries (`CommandService::find_stored`), kept apart from the rest of
+// the store so it can change on its own.
+impl EventStore {
+    /// The sequence and `Nats-Msg-Id` of the first message on `aggregate`'s subject after
+    /// stream sequence `after`, if any, read from the stream leader: an append that expected
+    /// version `after` is stored exactly when it is that message.
+    pub async fn first_after(
+        &self,
+        aggregate: AggregateId,
+        after: u64,
+    ) -> Result<Option<(u64, Option<String>)>, LoadError> {
+        let stream = self
+            .jetstream
+            .get_stream_no_info(self.names.event_stream())
+            .await
+            .map_err(|e| LoadError::Unavailable(e.to_string()))?;
+        let message = next_on_subject(
+            &stream,
+            &self.subject(aggregate),
+            after + 1,
+            ReadFrom::Leader,
+        )
+        .await
+        .map_err(LoadError::Unavailable)?;
+        Ok(message.map(|message| {
+            let id = message
+                .headers
+                .get(NATS_MESSAGE_ID)
+                .map(|id| id.as_str().to_owned());
+            (message.sequence, id)
+        }))
+    }
+}

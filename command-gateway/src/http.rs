@@ -2,7 +2,6 @@
 //! problem+json. Commands run in their own task, so a client that disconnects cannot cancel
 //! a command halfway.
 
-use std::future::Future;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -24,9 +23,11 @@ use utoipa::{OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 use uuid::Uuid;
 
-use crate::commands::{Accepted, CommandContext, CommandError, CommandService};
+use crate::commands::{
+    Accepted, AppendJournal, CommandContext, CommandError, CommandService, SentAppend,
+};
 use crate::domain::{AggregateId, Command, CourseDraft, DomainError, InvalidField, StudentDraft};
-use crate::idempotency::{self, Begin, IDEMPOTENCY_KEY_HEADER, IdempotencyStore};
+use crate::idempotency::{self, Attempt, Begin, Claim, IDEMPOTENCY_KEY_HEADER, IdempotencyStore};
 use crate::openapi::{ApiDoc, CommandErrors, CourseDataDoc, CreatedDoc, StudentDataDoc};
 use crate::outcome::Outcome;
 
@@ -115,7 +116,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 /// Body of `POST` and `PUT /api/students`. Fields are optional here so a missing one is a
 /// `422` naming it, not a deserialization `400`. `PUT` replaces everything: an omitted
 /// `course_ids` means no courses.
-#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"name": "Ada L", "first_name": "Ada", "last_name": "Lovelace", "course_ids": []}))]
 pub struct StudentBody {
@@ -132,6 +133,13 @@ pub struct StudentBody {
 }
 
 impl StudentBody {
+    /// The same request with its ids in one order, for the fingerprint: a set is a set.
+    fn sorted(&self) -> StudentBody {
+        let mut body = self.clone();
+        body.course_ids.sort_unstable();
+        body
+    }
+
     fn parse(&self) -> Result<StudentDraft, Outcome> {
         StudentDraft::parse(
             self.name.as_deref(),
@@ -144,7 +152,7 @@ impl StudentBody {
 }
 
 /// Body of `POST` and `PUT /api/courses`.
-#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({
     "name": "Algebra",
@@ -169,6 +177,13 @@ pub struct CourseBody {
 }
 
 impl CourseBody {
+    /// The same request with its ids in one order, for the fingerprint: a set is a set.
+    fn sorted(&self) -> CourseBody {
+        let mut body = self.clone();
+        body.student_ids.sort_unstable();
+        body
+    }
+
     fn parse(&self) -> Result<CourseDraft, Outcome> {
         CourseDraft::parse(
             self.name.as_deref(),
@@ -213,21 +228,20 @@ pub async fn register_student(
     headers: HeaderMap,
     JsonBody(body): JsonBody<StudentBody>,
 ) -> Response {
-    let fingerprint = fingerprint("POST /api/students", &body);
+    let fingerprint = fingerprint("POST /api/students", &body.sorted(), &headers);
     let new_id = NewId::for_request(&headers, &fingerprint);
-    run(
-        state,
-        headers,
-        fingerprint,
-        move |state, context, _| async move {
-            let draft = body.parse()?;
-            let student_id = new_id.id;
-            let command = Command::RegisterStudent { student_id, draft };
-            let target = AggregateId::student(student_id);
-            let accepted = create(&state, &command, &context, new_id, target).await?;
-            Ok(created("students", student_id, &accepted))
-        },
-    )
+    run(state, headers, fingerprint, move || {
+        let draft = body.parse()?;
+        let command = Command::RegisterStudent {
+            student_id: new_id.id,
+            draft,
+        };
+        let answer = Answer::Created {
+            collection: "students",
+            new_id,
+        };
+        Ok((command, answer))
+    })
     .await
 }
 
@@ -249,31 +263,14 @@ pub async fn replace_student(
     headers: HeaderMap,
     JsonBody(body): JsonBody<StudentBody>,
 ) -> Response {
-    let fingerprint = fingerprint(&format!("PUT /api/students/{id}"), &body);
-    run(
-        state,
-        headers,
-        fingerprint,
-        move |state, context, if_match| async move {
-            let student_id = path_id(&id, "student")?;
-            let draft = body.parse()?;
-            let command = Command::ReplaceStudent { student_id, draft };
-            let accepted = execute(&state, &command, &context, if_match.as_deref()).await?;
-            let student = accepted.snapshot.student(student_id).active().map(|s| {
-                json!({
-                    "id": student_id,
-                    "name": s.details.name,
-                    "first_name": s.details.first_name,
-                    "last_name": s.details.last_name,
-                    "course_ids": s.course_ids,
-                })
-            });
-            Ok(with_positions(
-                Outcome::json(StatusCode::OK, &json!({ "data": student })),
-                &accepted,
-            ))
-        },
-    )
+    let route = format!("PUT /api/students/{id}");
+    let fingerprint = fingerprint(&route, &body.sorted(), &headers);
+    run(state, headers, fingerprint, move || {
+        let student_id = path_id(&id, "student")?;
+        let draft = body.parse()?;
+        let command = Command::ReplaceStudent { student_id, draft };
+        Ok((command, Answer::Student(student_id)))
+    })
     .await
 }
 
@@ -293,21 +290,11 @@ pub async fn delete_student(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let fingerprint = fingerprint(&format!("DELETE /api/students/{id}"), &());
-    run(
-        state,
-        headers,
-        fingerprint,
-        move |state, context, if_match| async move {
-            let student_id = path_id(&id, "student")?;
-            let command = Command::DeleteStudent { student_id };
-            let accepted = execute(&state, &command, &context, if_match.as_deref()).await?;
-            Ok(with_positions(
-                Outcome::empty(StatusCode::NO_CONTENT),
-                &accepted,
-            ))
-        },
-    )
+    let fingerprint = fingerprint(&format!("DELETE /api/students/{id}"), &(), &headers);
+    run(state, headers, fingerprint, move || {
+        let student_id = path_id(&id, "student")?;
+        Ok((Command::DeleteStudent { student_id }, Answer::NoContent))
+    })
     .await
 }
 
@@ -328,25 +315,17 @@ pub async fn enroll(
     Path((id, course)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let fingerprint = fingerprint(&format!("PUT /api/students/{id}/courses/{course}"), &());
-    run(
-        state,
-        headers,
-        fingerprint,
-        move |state, context, if_match| async move {
-            let student_id = path_id(&id, "student")?;
-            let course_id = path_id(&course, "course")?;
-            let command = Command::Enroll {
-                student_id,
-                course_id,
-            };
-            let accepted = execute(&state, &command, &context, if_match.as_deref()).await?;
-            Ok(with_positions(
-                Outcome::empty(StatusCode::NO_CONTENT),
-                &accepted,
-            ))
-        },
-    )
+    let route = format!("PUT /api/students/{id}/courses/{course}");
+    let fingerprint = fingerprint(&route, &(), &headers);
+    run(state, headers, fingerprint, move || {
+        let student_id = path_id(&id, "student")?;
+        let course_id = path_id(&course, "course")?;
+        let command = Command::Enroll {
+            student_id,
+            course_id,
+        };
+        Ok((command, Answer::NoContent))
+    })
     .await
 }
 
@@ -367,25 +346,17 @@ pub async fn unenroll(
     Path((id, course)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let fingerprint = fingerprint(&format!("DELETE /api/students/{id}/courses/{course}"), &());
-    run(
-        state,
-        headers,
-        fingerprint,
-        move |state, context, if_match| async move {
-            let student_id = path_id(&id, "student")?;
-            let course_id = path_id(&course, "course")?;
-            let command = Command::Unenroll {
-                student_id,
-                course_id,
-            };
-            let accepted = execute(&state, &command, &context, if_match.as_deref()).await?;
-            Ok(with_positions(
-                Outcome::empty(StatusCode::NO_CONTENT),
-                &accepted,
-            ))
-        },
-    )
+    let route = format!("DELETE /api/students/{id}/courses/{course}");
+    let fingerprint = fingerprint(&route, &(), &headers);
+    run(state, headers, fingerprint, move || {
+        let student_id = path_id(&id, "student")?;
+        let course_id = path_id(&course, "course")?;
+        let command = Command::Unenroll {
+            student_id,
+            course_id,
+        };
+        Ok((command, Answer::NoContent))
+    })
     .await
 }
 
@@ -404,21 +375,20 @@ pub async fn create_course(
     headers: HeaderMap,
     JsonBody(body): JsonBody<CourseBody>,
 ) -> Response {
-    let fingerprint = fingerprint("POST /api/courses", &body);
+    let fingerprint = fingerprint("POST /api/courses", &body.sorted(), &headers);
     let new_id = NewId::for_request(&headers, &fingerprint);
-    run(
-        state,
-        headers,
-        fingerprint,
-        move |state, context, _| async move {
-            let draft = body.parse()?;
-            let course_id = new_id.id;
-            let command = Command::CreateCourse { course_id, draft };
-            let target = AggregateId::course(course_id);
-            let accepted = create(&state, &command, &context, new_id, target).await?;
-            Ok(created("courses", course_id, &accepted))
-        },
-    )
+    run(state, headers, fingerprint, move || {
+        let draft = body.parse()?;
+        let command = Command::CreateCourse {
+            course_id: new_id.id,
+            draft,
+        };
+        let answer = Answer::Created {
+            collection: "courses",
+            new_id,
+        };
+        Ok((command, answer))
+    })
     .await
 }
 
@@ -440,32 +410,14 @@ pub async fn replace_course(
     headers: HeaderMap,
     JsonBody(body): JsonBody<CourseBody>,
 ) -> Response {
-    let fingerprint = fingerprint(&format!("PUT /api/courses/{id}"), &body);
-    run(
-        state,
-        headers,
-        fingerprint,
-        move |state, context, if_match| async move {
-            let course_id = path_id(&id, "course")?;
-            let draft = body.parse()?;
-            let command = Command::ReplaceCourse { course_id, draft };
-            let accepted = execute(&state, &command, &context, if_match.as_deref()).await?;
-            let course = accepted.snapshot.course(course_id).active().map(|c| {
-                json!({
-                    "id": course_id,
-                    "name": c.details.name,
-                    "description": c.details.description,
-                    "discipline": c.details.discipline,
-                    "teacher": c.details.teacher,
-                    "student_ids": c.student_ids,
-                })
-            });
-            Ok(with_positions(
-                Outcome::json(StatusCode::OK, &json!({ "data": course })),
-                &accepted,
-            ))
-        },
-    )
+    let route = format!("PUT /api/courses/{id}");
+    let fingerprint = fingerprint(&route, &body.sorted(), &headers);
+    run(state, headers, fingerprint, move || {
+        let course_id = path_id(&id, "course")?;
+        let draft = body.parse()?;
+        let command = Command::ReplaceCourse { course_id, draft };
+        Ok((command, Answer::Course(course_id)))
+    })
     .await
 }
 
@@ -485,31 +437,22 @@ pub async fn delete_course(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let fingerprint = fingerprint(&format!("DELETE /api/courses/{id}"), &());
-    run(
-        state,
-        headers,
-        fingerprint,
-        move |state, context, if_match| async move {
-            let course_id = path_id(&id, "course")?;
-            let command = Command::DeleteCourse { course_id };
-            let accepted = execute(&state, &command, &context, if_match.as_deref()).await?;
-            Ok(with_positions(
-                Outcome::empty(StatusCode::NO_CONTENT),
-                &accepted,
-            ))
-        },
-    )
+    let fingerprint = fingerprint(&format!("DELETE /api/courses/{id}"), &(), &headers);
+    run(state, headers, fingerprint, move || {
+        let course_id = path_id(&id, "course")?;
+        Ok((Command::DeleteCourse { course_id }, Answer::NoContent))
+    })
     .await
 }
 
 // ---------------------------------------------------------------- the common path
 
-/// Runs a command body in its own task, under the request's `Idempotency-Key` if any.
-async fn run<F, Fut>(state: AppState, headers: HeaderMap, fingerprint: String, body: F) -> Response
+/// Runs a command in its own task, under the request's `Idempotency-Key` if any. `plan`
+/// parses the request into the command and how its success is answered; it runs after the
+/// key is claimed, so a request refused as invalid keeps its `422` under the key too.
+async fn run<F>(state: AppState, headers: HeaderMap, fingerprint: String, plan: F) -> Response
 where
-    F: FnOnce(AppState, CommandContext, Option<Vec<u64>>) -> Fut + Send + 'static,
-    Fut: Future<Output = Result<Outcome, Outcome>> + Send,
+    F: FnOnce() -> Result<(Command, Answer), Outcome> + Send + 'static,
 {
     let if_match = match parse_if_match(&headers) {
         Ok(if_match) => if_match,
@@ -518,7 +461,7 @@ where
     let context = CommandContext::from_headers(&headers);
     let task = tokio::spawn(
         async move {
-            let claim = match headers.get(IDEMPOTENCY_KEY_HEADER) {
+            let mut claim = match headers.get(IDEMPOTENCY_KEY_HEADER) {
                 None => None,
                 Some(raw) => {
                     let key = idempotency::parse_key(raw.as_bytes()).map_err(Outcome::from)?;
@@ -535,12 +478,26 @@ where
                     }
                 }
             };
-            let idempotency = state.idempotency.clone();
-            let outcome = match body(state, context, if_match).await {
-                Ok(outcome) | Err(outcome) => outcome,
+            let (outcome, earlier) = match plan() {
+                Ok((command, answer)) => {
+                    decide(
+                        &state,
+                        &command,
+                        &context,
+                        if_match.as_deref(),
+                        answer,
+                        claim.as_mut(),
+                    )
+                    .await
+                }
+                Err(outcome) => (outcome, false),
             };
             if let Some(claim) = claim {
-                idempotency.finish(claim, &outcome).await;
+                state.idempotency.finish(claim, &outcome).await;
+            }
+            if earlier {
+                // Not this request's doing: the answer an earlier one never got.
+                return Ok(outcome.with_header(IDEMPOTENT_REPLAY_HEADER, "true"));
             }
             Ok::<Outcome, Outcome>(outcome)
         }
@@ -555,17 +512,154 @@ where
     }
 }
 
-async fn execute(
+/// How a command's success is answered.
+#[derive(Debug, Clone, Copy)]
+enum Answer {
+    /// `201` with the new resource's id and location.
+    Created {
+        collection: &'static str,
+        new_id: NewId,
+    },
+    /// `200` with the student as the command left it.
+    Student(Uuid),
+    /// `200` with the course as the command left it.
+    Course(Uuid),
+    NoContent,
+}
+
+impl Answer {
+    fn render(self, accepted: &Accepted) -> Outcome {
+        match self {
+            Answer::Created { collection, new_id } => created(collection, new_id.id, accepted),
+            Answer::Student(student_id) => {
+                let student = accepted.snapshot.student(student_id).active().map(|s| {
+                    json!({
+                        "id": student_id,
+                        "name": s.details.name,
+                        "first_name": s.details.first_name,
+                        "last_name": s.details.last_name,
+                        "course_ids": s.course_ids,
+                    })
+                });
+                with_positions(
+                    Outcome::json(StatusCode::OK, &json!({ "data": student })),
+                    accepted,
+                )
+            }
+            Answer::Course(course_id) => {
+                let course = accepted.snapshot.course(course_id).active().map(|c| {
+                    json!({
+                        "id": course_id,
+                        "name": c.details.name,
+                        "description": c.details.description,
+                        "discipline": c.details.discipline,
+                        "teacher": c.details.teacher,
+                        "student_ids": c.student_ids,
+                    })
+                });
+                with_positions(
+                    Outcome::json(StatusCode::OK, &json!({ "data": course })),
+                    accepted,
+                )
+            }
+            Answer::NoContent => with_positions(Outcome::empty(StatusCode::NO_CONTENT), accepted),
+        }
+    }
+}
+
+/// Records a keyed command's appends in its claim, each with the answer it makes if stored.
+struct ClaimJournal<'a> {
+    store: &'a IdempotencyStore,
+    claim: &'a mut Claim,
+    answer: Answer,
+}
+
+impl AppendJournal for ClaimJournal<'_> {
+    fn earlier(&self) -> Vec<SentAppend> {
+        self.claim
+            .earlier()
+            .iter()
+            .map(|attempt| attempt.append.clone())
+            .collect()
+    }
+
+    async fn before_append(
+        &mut self,
+        append: SentAppend,
+        accepted: &Accepted,
+    ) -> Result<(), String> {
+        let outcome = self.answer.render(accepted);
+        self.store
+            .record_attempt(self.claim, Attempt { append, outcome })
+            .await
+    }
+}
+
+/// Executes `command` and answers it. Under a claimed key every append is recorded in the
+/// claim before it is sent, and when an earlier request's append for the key turns out to
+/// be stored, its answer is this one too (`true`). A derived create that finds its
+/// aggregate made (its attempt's record lost) answers what is there.
+async fn decide(
     state: &AppState,
     command: &Command,
     context: &CommandContext,
     if_match: Option<&[u64]>,
-) -> Result<Accepted, Outcome> {
-    state
-        .commands
-        .execute(command, context, if_match)
-        .await
-        .map_err(|error| command_error(error).into())
+    answer: Answer,
+    claim: Option<&mut Claim>,
+) -> (Outcome, bool) {
+    // A create has no version to match yet.
+    let if_match = if matches!(answer, Answer::Created { .. }) {
+        None
+    } else {
+        if_match
+    };
+    let result = match claim {
+        None => state.commands.execute(command, context, if_match).await,
+        Some(claim) => {
+            let mut journal = ClaimJournal {
+                store: &state.idempotency,
+                claim: &mut *claim,
+                answer,
+            };
+            let result = state
+                .commands
+                .execute_recorded(command, context, if_match, &mut journal)
+                .await;
+            if let Err(CommandError::EarlierAttemptStored(stored)) = &result {
+                return match claim.earlier().get(stored.index) {
+                    Some(attempt) => {
+                        tracing::info!(
+                            sequence = stored.first_sequence,
+                            "an earlier attempt of this request is stored; answering it"
+                        );
+                        (earlier_answer(attempt, stored.first_sequence), true)
+                    }
+                    None => (Problem::internal().into(), false),
+                };
+            }
+            result
+        }
+    };
+    let result = match (result, answer) {
+        (
+            Err(CommandError::Rule(DomainError::AlreadyExists(existing))),
+            Answer::Created { new_id, .. },
+        ) if new_id.derived && existing == command.target() => {
+            tracing::info!(aggregate = %existing.id, "a retried create found what its first attempt made");
+            state.commands.made_earlier(existing).await
+        }
+        (result, _) => result,
+    };
+    match result {
+        Ok(accepted) => (answer.render(&accepted), false),
+        Err(error) => (command_error(error).into(), false),
+    }
+}
+
+/// The answer `attempt` made, its append found with its first event at `first_sequence`.
+fn earlier_answer(attempt: &Attempt, first_sequence: u64) -> Outcome {
+    let (target_version, position) = attempt.append.versions_at(first_sequence);
+    set_positions(attempt.outcome.clone(), target_version, position)
 }
 
 /// The id of the aggregate a create makes. With an `Idempotency-Key` it is derived from the
@@ -607,31 +701,6 @@ impl NewId {
     }
 }
 
-/// Executes a create. When a derived id already names an aggregate, an earlier attempt of
-/// this same request (same client, key and body) made it and its outcome was lost: the
-/// answer is what that attempt made, not `409 already-exists`.
-async fn create(
-    state: &AppState,
-    command: &Command,
-    context: &CommandContext,
-    new_id: NewId,
-    target: AggregateId,
-) -> Result<Accepted, Outcome> {
-    match state.commands.execute(command, context, None).await {
-        Err(CommandError::Rule(DomainError::AlreadyExists(existing)))
-            if new_id.derived && existing == target =>
-        {
-            tracing::info!(aggregate = %target.id, "a retried create found what its first attempt made");
-            state
-                .commands
-                .made_earlier(target)
-                .await
-                .map_err(|error| command_error(error).into())
-        }
-        result => result.map_err(|error| command_error(error).into()),
-    }
-}
-
 /// `201` with the new resource's id and location.
 fn created(collection: &str, id: Uuid, accepted: &Accepted) -> Outcome {
     with_positions(
@@ -643,9 +712,13 @@ fn created(collection: &str, id: Uuid, accepted: &Accepted) -> Outcome {
 
 /// The aggregate version as `ETag` and the stream position as consistency token.
 fn with_positions(outcome: Outcome, accepted: &Accepted) -> Outcome {
+    set_positions(outcome, accepted.target_version, accepted.position)
+}
+
+fn set_positions(outcome: Outcome, target_version: u64, position: u64) -> Outcome {
     outcome
-        .with_header(header::ETAG.as_str(), etag(accepted.target_version))
-        .with_header(CONSISTENCY_TOKEN_HEADER, accepted.position.to_string())
+        .set_header(header::ETAG.as_str(), etag(target_version))
+        .set_header(CONSISTENCY_TOKEN_HEADER, position.to_string())
 }
 
 fn etag(version: u64) -> String {
@@ -653,13 +726,20 @@ fn etag(version: u64) -> String {
 }
 
 /// A stable digest of what a request asks for, to tell a retry from a different request
-/// that reuses an `Idempotency-Key`.
-fn fingerprint(route: &str, body: &impl Serialize) -> String {
+/// that reuses an `Idempotency-Key`: the route, the body (id lists sorted, see `sorted`) and
+/// `If-Match` as the set of versions it accepts. Without `If-Match` it is the digest of route
+/// and body alone, as before `If-Match` counted, so keys claimed then still match.
+fn fingerprint(route: &str, body: &impl Serialize, headers: &HeaderMap) -> String {
     let body = serde_json::to_string(body).unwrap_or_default();
-    format!(
-        "{:016x}",
-        idempotency::fnv1a(format!("{route}\n{body}").as_bytes())
-    )
+    let mut text = format!("{route}\n{body}");
+    if let Ok(Some(mut versions)) = parse_if_match(headers) {
+        versions.sort_unstable();
+        versions.dedup();
+        let versions: Vec<String> = versions.iter().map(u64::to_string).collect();
+        text.push_str("\nif-match:");
+        text.push_str(&versions.join(","));
+    }
+    format!("{:016x}", idempotency::fnv1a(text.as_bytes()))
 }
 
 /// `If-Match: "12"` (or a list of such) → the versions the client accepts; `*` → any.
@@ -781,6 +861,11 @@ fn command_error(error: CommandError) -> Problem {
             tracing::error!(%error, "stored event cannot be decoded");
             Problem::internal()
         }
+        CommandError::EarlierAttemptStored(_) => {
+            // Answered from the claim before it gets here (`decide`).
+            tracing::error!(%error, "an earlier attempt's answer was not found");
+            Problem::internal()
+        }
         CommandError::Load(_) | CommandError::Unavailable(_) => {
             tracing::error!(%error, "command failed on the event store");
             Problem::unavailable("the event store did not answer; retry")
@@ -807,5 +892,23 @@ mod tests {
             HeaderValue::from_static("W/\"3\", \"abc\""),
         );
         assert_eq!(parse_if_match(&headers).expect("foreign"), Some(vec![]));
+    }
+
+    #[test]
+    fn the_fingerprint_normalises_if_match_and_keeps_the_old_digest_without_it() {
+        let with = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::IF_MATCH, HeaderValue::from_static(value));
+            fingerprint("PUT /x", &(), &headers)
+        };
+        assert_eq!(with("\"3\", \"7\""), with("\"7\",\"3\",\"3\""));
+        assert_ne!(with("\"3\""), with("\"7\""));
+        assert_ne!(with("\"3\""), fingerprint("PUT /x", &(), &HeaderMap::new()));
+        // `*` asks for nothing more than no header does.
+        assert_eq!(with("*"), fingerprint("PUT /x", &(), &HeaderMap::new()));
+        assert_eq!(
+            fingerprint("PUT /x", &(), &HeaderMap::new()),
+            format!("{:016x}", idempotency::fnv1a(b"PUT /x\nnull"))
+        );
     }
 }

@@ -3,18 +3,24 @@
 //! across restarts.
 //!
 //! A key is claimed with a `pending` record (KV create: only one request wins), then
-//! replaced by the outcome. A claim older than [`ABANDONED_AFTER`] belongs to a request that
-//! died and may be taken over. Server errors are not remembered, so a retry runs again.
+//! replaced by the outcome. Before each append, the claim records it ([`SentAppend`]) with
+//! the answer it makes if stored: whoever answers for the key later (a retry after a `503`
+//! whose append the broker did store, or after the gateway died right after sending it)
+//! looks for it in the stream and answers that instead of deciding again. A claim older
+//! than [`ABANDONED_AFTER`] belongs to a request that died and may be taken over. Server
+//! errors are not remembered: the claim is released, or, when it had sent an append, left
+//! `unanswered` for the retry to take over at once.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::kv::{self, CreateErrorKind};
+use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
 use axum::http::StatusCode;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use service_kit::Problem;
 
+use crate::commands::SentAppend;
 use crate::outcome::Outcome;
 
 /// Header naming the key.
@@ -23,6 +29,12 @@ pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 pub const MAX_KEY_LENGTH: usize = 128;
 /// A pending claim older than this is considered abandoned by a crashed request.
 pub const ABANDONED_AFTER: Duration = Duration::from_secs(60);
+/// Creates of a key tried when it is released between a failed create and the read that
+/// follows (then a retry's create may win). After that, `409`: someone is busy with it.
+const CLAIM_TRIES: usize = 3;
+/// Unconfirmed appends kept per key. Each one takes a `503` after sending an append; more
+/// than this many in a row for one key drops the oldest (logged).
+const MAX_ATTEMPTS_KEPT: usize = 8;
 
 /// The bucket of outcomes. Cheap to clone (every command request clones the gateway's
 /// state): a `kv::Store` carries the bucket's whole stream info.
@@ -37,19 +49,43 @@ pub struct IdempotencyStore {
     name: Arc<str>,
 }
 
-/// A claimed key: finish it with the outcome.
+/// A claimed key: record appends with [`IdempotencyStore::record_attempt`], then finish it
+/// with the outcome.
 #[derive(Debug)]
 pub struct Claim {
     kv_key: String,
     fingerprint: String,
     /// The nonce of the pending record: a release deletes this claim and no other.
     claim: String,
+    started_at_ms: u64,
+    /// Revision of this claim's last write; the next one is conditional on it, so a claim
+    /// taken over by another request is never overwritten.
+    revision: u64,
+    /// Appends earlier requests with this key sent and never saw confirmed.
+    earlier: Vec<Attempt>,
+}
+
+impl Claim {
+    /// Attempts of earlier requests with this key whose appends may be stored.
+    pub fn earlier(&self) -> &[Attempt] {
+        &self.earlier
+    }
+}
+
+/// An append a request sent for a key, and the answer it makes if the broker stored it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub append: SentAppend,
+    /// The success answer, with its positions (`ETag`, consistency token) still to be set
+    /// from where the append is found.
+    pub outcome: Outcome,
 }
 
 /// What `begin` found.
 #[derive(Debug)]
 pub enum Begin {
-    /// First use of the key: run the command, then `finish`.
+    /// The key is this request's: run the command (after looking for
+    /// [`Claim::earlier`] appends), then `finish`.
     Claimed(Claim),
     /// The key already has an outcome for this same request: answer it again.
     Replay(Outcome),
@@ -66,6 +102,16 @@ enum Record {
         /// this request's own, not as another request's that is running.
         #[serde(default)]
         claim: String,
+        /// Appends sent for this key and not confirmed: earlier requests' and the latest of
+        /// this one's, recorded before it was sent.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        attempts: Vec<Attempt>,
+    },
+    /// No request runs, but appends were sent and not confirmed: a retry takes the key
+    /// over at once and looks for them first.
+    Unanswered {
+        fingerprint: String,
+        attempts: Vec<Attempt>,
     },
     Done {
         fingerprint: String,
@@ -114,78 +160,134 @@ impl IdempotencyStore {
         fingerprint: String,
     ) -> Result<Begin, Problem> {
         let kv_key = kv_key(client, key);
-        let claim = uuid::Uuid::new_v4().simple().to_string();
-        let pending = encode(&Record::Pending {
-            fingerprint: fingerprint.clone(),
-            started_at_ms: now_ms(),
-            claim: claim.clone(),
-        })?;
         let bucket = self.bucket().await.map_err(|e| unavailable(&e))?;
-        match bucket.create(&kv_key, pending.clone()).await {
-            Ok(_) => {
-                return Ok(Begin::Claimed(Claim {
-                    kv_key,
-                    fingerprint,
-                    claim,
-                }));
+        for _ in 0..CLAIM_TRIES {
+            let mut claim = Claim {
+                kv_key: kv_key.clone(),
+                fingerprint: fingerprint.clone(),
+                claim: uuid::Uuid::new_v4().simple().to_string(),
+                started_at_ms: now_ms(),
+                revision: 0,
+                earlier: Vec::new(),
+            };
+            match bucket.create(&kv_key, claim.pending(&[])?).await {
+                Ok(revision) => {
+                    claim.revision = revision;
+                    return Ok(Begin::Claimed(claim));
+                }
+                Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {}
+                Err(error) => {
+                    // Unanswered is not unwritten: the claim may be stored once the broker is
+                    // back (a resent publish), and would then block every retry until it
+                    // counts as abandoned. Release it if it lands.
+                    self.release_in_background(kv_key, claim.claim);
+                    return Err(unavailable(&error));
+                }
             }
-            Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {}
-            Err(error) => {
-                // Unanswered is not unwritten: the claim may be stored once the broker is
-                // back (a resent publish), and would then block every retry until it counts
-                // as abandoned. Release it if it lands.
-                self.release_in_background(kv_key, claim);
-                return Err(unavailable(&error));
-            }
+            let entry = match bucket.entry(&kv_key).await.map_err(|e| unavailable(&e))? {
+                Some(entry) if entry.operation == kv::Operation::Put => entry,
+                // Released between the create and this read (a delete marker, or already
+                // gone): the next create may win.
+                _ => continue,
+            };
+            let record: Record =
+                serde_json::from_slice(&entry.value).map_err(|e| unavailable(&e))?;
+            return match record {
+                Record::Done {
+                    fingerprint: stored,
+                    outcome,
+                } => {
+                    if stored == fingerprint {
+                        Ok(Begin::Replay(outcome))
+                    } else {
+                        Err(reused())
+                    }
+                }
+                Record::Pending {
+                    fingerprint: stored,
+                    started_at_ms,
+                    claim: stored_claim,
+                    attempts,
+                } => {
+                    if stored != fingerprint {
+                        return Err(reused());
+                    }
+                    if stored_claim == claim.claim {
+                        // Our own claim: its write was resent and stored before the answer came.
+                        claim.revision = entry.revision;
+                        claim.earlier = attempts;
+                        return Ok(Begin::Claimed(claim));
+                    }
+                    if now_ms().saturating_sub(started_at_ms) < ABANDONED_AFTER.as_millis() as u64 {
+                        return Err(in_use("a request with this key is still running"));
+                    }
+                    // The first request died without an outcome: take its claim over.
+                    self.take_over(bucket, claim, attempts, entry.revision)
+                        .await
+                }
+                Record::Unanswered {
+                    fingerprint: stored,
+                    attempts,
+                } => {
+                    if stored != fingerprint {
+                        return Err(reused());
+                    }
+                    self.take_over(bucket, claim, attempts, entry.revision)
+                        .await
+                }
+            };
         }
-        let entry = bucket
-            .entry(&kv_key)
+        Err(in_use("the key was released a moment ago; retry"))
+    }
+
+    /// Replaces the record at `revision` by `claim`, keeping the unconfirmed `attempts`.
+    async fn take_over(
+        &self,
+        bucket: &kv::Store,
+        mut claim: Claim,
+        attempts: Vec<Attempt>,
+        revision: u64,
+    ) -> Result<Begin, Problem> {
+        match bucket
+            .update(&claim.kv_key, claim.pending(&attempts)?, revision)
             .await
-            .map_err(|e| unavailable(&e))?
-            .ok_or_else(|| in_use("the key was released a moment ago; retry"))?;
-        let record: Record = serde_json::from_slice(&entry.value).map_err(|e| unavailable(&e))?;
-        match record {
-            Record::Done {
-                fingerprint: stored,
-                outcome,
-            } => {
-                if stored == fingerprint {
-                    Ok(Begin::Replay(outcome))
-                } else {
-                    Err(reused())
-                }
+        {
+            Ok(revision) => {
+                claim.revision = revision;
+                claim.earlier = attempts;
+                Ok(Begin::Claimed(claim))
             }
-            Record::Pending {
-                fingerprint: stored,
-                started_at_ms,
-                claim: stored_claim,
-            } => {
-                if stored != fingerprint {
-                    return Err(reused());
-                }
-                if stored_claim == claim {
-                    // Our own claim: its write was resent and stored before the answer came.
-                    return Ok(Begin::Claimed(Claim {
-                        kv_key,
-                        fingerprint,
-                        claim,
-                    }));
-                }
-                if now_ms().saturating_sub(started_at_ms) < ABANDONED_AFTER.as_millis() as u64 {
-                    return Err(in_use("a request with this key is still running"));
-                }
-                // The first request died without an outcome: take its claim over.
-                bucket
-                    .update(&kv_key, pending, entry.revision)
-                    .await
-                    .map_err(|_| in_use("another retry took this key over"))?;
-                Ok(Begin::Claimed(Claim {
-                    kv_key,
-                    fingerprint,
-                    claim,
-                }))
+            Err(error) if error.kind() == UpdateErrorKind::WrongLastRevision => {
+                Err(in_use("another retry took this key over"))
+            }
+            Err(error) => {
+                // As for a create: the write may land later; then leave it for the next retry.
+                self.release_in_background(claim.kv_key, claim.claim);
+                Err(unavailable(&error))
             }
         }
+    }
+
+    /// Records `attempt` in the claim before its append is sent, together with the
+    /// unconfirmed appends of earlier requests (this request's own earlier attempts lost
+    /// their race, so nothing of them is stored). `Err`: the append must not be sent.
+    pub async fn record_attempt(&self, claim: &mut Claim, attempt: Attempt) -> Result<(), String> {
+        let mut attempts = claim.earlier.clone();
+        attempts.push(attempt);
+        if attempts.len() > MAX_ATTEMPTS_KEPT {
+            tracing::warn!(key = %claim.kv_key, "too many unconfirmed appends for one key; forgetting the oldest");
+            attempts.drain(..attempts.len() - MAX_ATTEMPTS_KEPT);
+        }
+        let record = claim
+            .pending(&attempts)
+            .map_err(|_| "encoding the claim".to_owned())?;
+        let bucket = self.bucket().await?;
+        let revision = bucket
+            .update(&claim.kv_key, record, claim.revision)
+            .await
+            .map_err(|error| format!("recording the append in the idempotency claim: {error}"))?;
+        claim.revision = revision;
+        Ok(())
     }
 
     /// Stores the outcome of a claimed key, or releases the claim after a server error so a
@@ -214,13 +316,15 @@ impl IdempotencyStore {
         };
         if let Err(error) = result {
             // The command's effect stands; only its replay is lost (a retry would then wait
-            // for the claim to be abandoned, and run again).
+            // for the claim to be abandoned, and find its append or run again).
             tracing::error!(%error, key = %claim.kv_key, "storing the idempotent outcome failed");
         }
     }
 
-    /// Deletes the pending record with nonce `claim` under `kv_key`, and nothing else. `true`
-    /// when nothing is left to do: deleted, or the key does not hold that claim.
+    /// Gives up the pending record with nonce `claim` under `kv_key`, and no other: deletes
+    /// it, or, when it holds appends that may be stored, leaves them `unanswered` for the
+    /// next retry. `true` when nothing is left to do (done, or the key does not hold that
+    /// claim).
     async fn release(&self, kv_key: &str, claim: &str) -> bool {
         let Ok(bucket) = self.bucket().await else {
             return false;
@@ -231,10 +335,26 @@ impl IdempotencyStore {
             Err(_) => return false,
         };
         match serde_json::from_slice::<Record>(&entry.value) {
-            Ok(Record::Pending { claim: stored, .. }) if stored == claim => bucket
-                .delete_expect_revision(kv_key, Some(entry.revision))
-                .await
-                .is_ok(),
+            Ok(Record::Pending {
+                claim: stored,
+                fingerprint,
+                attempts,
+                ..
+            }) if stored == claim => {
+                if attempts.is_empty() {
+                    return bucket
+                        .delete_expect_revision(kv_key, Some(entry.revision))
+                        .await
+                        .is_ok();
+                }
+                let Ok(record) = encode(&Record::Unanswered {
+                    fingerprint,
+                    attempts,
+                }) else {
+                    return false;
+                };
+                bucket.update(kv_key, record, entry.revision).await.is_ok()
+            }
             _ => true,
         }
     }
@@ -254,6 +374,18 @@ impl IdempotencyStore {
             }
             tracing::warn!(key = %kv_key, "could not release an idempotency claim; it expires as abandoned");
         });
+    }
+}
+
+impl Claim {
+    /// This claim's pending record, holding `attempts`.
+    fn pending(&self, attempts: &[Attempt]) -> Result<Bytes, Problem> {
+        encode(&Record::Pending {
+            fingerprint: self.fingerprint.clone(),
+            started_at_ms: self.started_at_ms,
+            claim: self.claim.clone(),
+            attempts: attempts.to_vec(),
+        })
     }
 }
 

@@ -38,6 +38,21 @@ impl Outcome {
         self.headers.push((name.to_owned(), value.into()));
         self
     }
+
+    /// Sets header `name` (case-insensitive) in place, or adds it: the answer of an earlier
+    /// attempt, kept before its positions were known, gets them without moving a header.
+    pub fn set_header(mut self, name: &str, value: impl Into<String>) -> Self {
+        let value = value.into();
+        match self
+            .headers
+            .iter_mut()
+            .find(|(existing, _)| existing.eq_ignore_ascii_case(name))
+        {
+            Some((_, existing)) => *existing = value,
+            None => self.headers.push((name.to_owned(), value)),
+        }
+        self
+    }
 }
 
 impl From<Problem> for Outcome {
@@ -74,5 +89,27 @@ impl IntoResponse for Outcome {
             }
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_header_replaces_in_place_or_adds() {
+        let outcome = Outcome::empty(StatusCode::NO_CONTENT)
+            .with_header("etag", "\"0\"")
+            .with_header("location", "/x")
+            .set_header("ETag", "\"7\"")
+            .set_header("x-consistency-token", "9");
+        assert_eq!(
+            outcome.headers,
+            vec![
+                ("etag".to_owned(), "\"7\"".to_owned()),
+                ("location".to_owned(), "/x".to_owned()),
+                ("x-consistency-token".to_owned(), "9".to_owned()),
+            ]
+        );
     }
 }

@@ -86,8 +86,26 @@ impl TestGateway {
         answer.body["data"]["id"].as_str().expect("id").to_owned()
     }
 
+    /// Another gateway on the same streams whose NATS connection goes to `nats_url` (a
+    /// proxy in front of the test broker, to lose or delay what goes through it).
+    pub async fn another_instance_via(&self, nats_url: &str) -> String {
+        let client = async_nats::connect(nats_url)
+            .await
+            .expect("connecting through the proxy");
+        spawn_gateway_with(client, &self.broker.names, test_support::api_keys()).await
+    }
+
     /// Every event type on the stream, in order, with its subject.
     pub async fn stored_events(&self) -> Vec<(String, String)> {
+        self.stored_events_with_sequences()
+            .await
+            .into_iter()
+            .map(|(_, subject, event_type)| (subject, event_type))
+            .collect()
+    }
+
+    /// Every event on the stream, in order: (sequence, subject, event type).
+    pub async fn stored_events_with_sequences(&self) -> Vec<(u64, String, String)> {
         let stream = self
             .broker
             .jetstream
@@ -100,6 +118,7 @@ impl TestGateway {
             if let Ok(message) = stream.get_raw_message(sequence).await {
                 let event = events::decode(&message.payload).expect("decodes");
                 out.push((
+                    sequence,
                     message.subject.to_string(),
                     event.payload.event_type().to_owned(),
                 ));
@@ -110,7 +129,15 @@ impl TestGateway {
 }
 
 async fn spawn_gateway_on(broker: &TestBroker, keys: service_kit::ApiKeys) -> String {
-    let state = command_gateway::app_state(broker.client.clone(), broker.names.clone())
+    spawn_gateway_with(broker.client.clone(), &broker.names, keys).await
+}
+
+async fn spawn_gateway_with(
+    client: async_nats::Client,
+    names: &events::StreamNames,
+    keys: service_kit::ApiKeys,
+) -> String {
+    let state = command_gateway::app_state(client, names.clone())
         .await
         .expect("state");
     let app = command_gateway::http::router(state, keys, BODY_LIMIT);
