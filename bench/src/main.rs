@@ -269,6 +269,7 @@ async fn all(args: Args) -> anyhow::Result<()> {
         None
     };
 
+    let load_before = report::load_average();
     let hello = start_hello().await?;
     for run in 1..=args.runs {
         say(&format!("run {run} of {}", args.runs));
@@ -430,7 +431,8 @@ async fn all(args: Args) -> anyhow::Result<()> {
     let document = format!(
         "# Benchmarks\n\n\
          Measured by `scripts/dev bench all` (here: `{command_line}`) on {date}.\n\n\
-         Machine: {machine}. Load generator, services, NATS, Postgres and Redis share it.\n\
+         Machine: {machine}. Load generator, services, NATS, Postgres and Redis share it \
+         (1-minute load average {load_before} at the start, {load_after} at the end).\n\
          Settings: {c} requests in flight, {secs} s per load measurement after a 1 s warm-up,\n\
          {runs} runs (median, min – max); projector backlog {pe} events; replay of about {re} events.\n\
          CPU columns: seconds used by the measured service process / by the bench process\n\
@@ -445,6 +447,7 @@ async fn all(args: Args) -> anyhow::Result<()> {
         broker = broker_notes.join("; "),
         date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
         machine = report::machine(),
+        load_after = report::load_average(),
         secs = args.seconds,
         runs = args.runs,
         pe = args.projection_events,

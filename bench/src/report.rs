@@ -260,3 +260,11 @@ pub fn machine() -> String {
         .to_owned();
     format!("{cores} cores ({cpu}), {memory} RAM, Linux {kernel}")
 }
+
+/// The 1-minute load average (`/proc/loadavg`): other work on the machine shows up here.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
