@@ -294,7 +294,10 @@ impl IdempotencyStore {
     /// retry runs the command again.
     pub async fn finish(&self, claim: Claim, outcome: &Outcome) {
         if outcome.status >= 500 {
-            if !self.release(&claim.kv_key, &claim.claim).await {
+            if !self
+                .release(&claim.kv_key, &claim.claim, Absent::Done)
+                .await
+            {
                 // The broker is likely away (that is what most server errors are).
                 self.release_in_background(claim.kv_key, claim.claim);
             }
@@ -324,14 +327,14 @@ impl IdempotencyStore {
     /// Gives up the pending record with nonce `claim` under `kv_key`, and no other: deletes
     /// it, or, when it holds appends that may be stored, leaves them `unanswered` for the
     /// next retry. `true` when nothing is left to do (done, or the key does not hold that
-    /// claim).
-    async fn release(&self, kv_key: &str, claim: &str) -> bool {
+    /// claim; a key holding nothing counts as done only with [`Absent::Done`]).
+    async fn release(&self, kv_key: &str, claim: &str, absent: Absent) -> bool {
         let Ok(bucket) = self.bucket().await else {
             return false;
         };
         let entry = match bucket.entry(kv_key).await {
             Ok(Some(entry)) if entry.operation == kv::Operation::Put => entry,
-            Ok(_) => return true,
+            Ok(_) => return absent == Absent::Done,
             Err(_) => return false,
         };
         match serde_json::from_slice::<Record>(&entry.value) {
@@ -368,7 +371,8 @@ impl IdempotencyStore {
             let deadline = tokio::time::Instant::now() + ABANDONED_AFTER;
             while tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(RELEASE_RETRY).await;
-                if store.release(&kv_key, &claim).await {
+                // A claim whose write went unanswered may still be stored: keep looking.
+                if store.release(&kv_key, &claim, Absent::MayLand).await {
                     return;
                 }
             }
@@ -387,6 +391,17 @@ impl Claim {
             attempts: attempts.to_vec(),
         })
     }
+}
+
+/// What a key holding no record means to a release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Absent {
+    /// The claim was written and confirmed: nothing to release.
+    Done,
+    /// The claim's write went unanswered: it may be stored a moment later (a resent
+    /// publish after a broker blip), and would then block every retry until abandoned.
+    /// The nemesis test found a key blocked 60 s this way.
+    MayLand,
 }
 
 /// Pause between attempts to release a claim while the broker is away.
