@@ -8,8 +8,9 @@ use anyhow::Context;
 use async_nats::HeaderMap;
 use events::{AggregateKind, Enrollment, Event, EventPayload, StudentDetails};
 use hyper::body::Bytes;
-use projectors::generation::{Generation, STUDENTS};
-use projectors::{PgStudents, ProjectionProgress, ProjectionRunner};
+use projectors::{ProjectionProgress, ProjectionRunner};
+use read_models::PgStudents;
+use read_models::generation::{Generation, STUDENTS};
 use sqlx::AssertSqlSafe;
 use stream_admin::replay::{ReplayOptions, ReplayTarget, replay};
 use test_support::TestBroker;
@@ -486,9 +487,9 @@ pub async fn full_replay(events: usize) -> anyhow::Result<Run> {
 
 /// query-api's REST router on a world's database, in this process (no cache, no NATS).
 async fn serve_reads(world: &World) -> anyhow::Result<String> {
-    let models = query_api::read_models::ReadModels {
-        students: query_api::pg_students::PgStudents::new(world.db.pool.clone()),
-        courses: projectors::CourseStore::connect(&world.db.url).await?,
+    let models = query_api::models::ReadModels {
+        students: read_models::StudentReader::new(world.db.pool.clone()),
+        courses: read_models::CourseStore::connect(&world.db.url).await?,
     };
     let consistency = query_api::consistency::Consistency::new(
         models.clone(),

@@ -14,7 +14,7 @@ pub use model::{
     AggregateKind, CourseDetails, Enrollment, Event, EventMetadata, EventPayload, StudentDetails,
     TraceContext,
 };
-pub use names::{Projection, StreamNames};
+pub use names::{Projection, StreamNames, dead_letter_headers};
 
 /// Generated protobuf types. Private to this crate: the schema is an encoding detail.
 mod proto {

@@ -162,6 +162,14 @@ impl StreamNames {
     }
 }
 
+/// Headers a dead letter carries (written by the projectors, read by `stream-admin dlq`).
+pub mod dead_letter_headers {
+    pub const REASON: &str = "School-Dead-Letter-Reason";
+    pub const ORIGINAL_SEQUENCE: &str = "School-Original-Sequence";
+    pub const ORIGINAL_SUBJECT: &str = "School-Original-Subject";
+    pub const PROJECTION: &str = "School-Projection";
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

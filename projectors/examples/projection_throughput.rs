@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use events::{AggregateKind, CourseDetails, Enrollment, Event, EventPayload, StudentDetails};
-use projectors::{CourseStore, PgStudents, ProjectionProgress, ProjectionRunner, ProjectionStore};
+use projectors::{ProjectionProgress, ProjectionRunner};
+use read_models::{CourseStore, PgStudents, ProjectionStore};
 use test_support::{TestBroker, TestDatabase, event};
 use uuid::Uuid;
 

@@ -26,7 +26,7 @@ use service_kit::trace::SpanContext;
 use crate::dead_letters::DeadLetters;
 use crate::lease::{HeldLease, LeaseSettings, Leases, RenewError, Watch};
 use crate::redis_cache::RedisInvalidator;
-use crate::store::{ProjectionStore, StoreError};
+use read_models::store::{ProjectionStore, StoreError};
 
 /// Pause between attempts after a failure (read model or broker unavailable).
 const RETRY_DELAY: Duration = Duration::from_secs(1);

@@ -4,11 +4,11 @@ use async_nats::jetstream::{self, AckKind, Message};
 use async_nats::{HeaderMap, HeaderValue};
 use events::{Projection, StreamNames};
 
-/// Headers describing a dead letter.
-pub const REASON_HEADER: &str = "School-Dead-Letter-Reason";
-pub const ORIGINAL_SEQUENCE_HEADER: &str = "School-Original-Sequence";
-pub const ORIGINAL_SUBJECT_HEADER: &str = "School-Original-Subject";
-pub const PROJECTION_HEADER: &str = "School-Projection";
+/// Headers describing a dead letter (their names are part of the wire format, in `events`).
+pub use events::dead_letter_headers::{
+    ORIGINAL_SEQUENCE as ORIGINAL_SEQUENCE_HEADER, ORIGINAL_SUBJECT as ORIGINAL_SUBJECT_HEADER,
+    PROJECTION as PROJECTION_HEADER, REASON as REASON_HEADER,
+};
 
 /// The longest reason kept in [`REASON_HEADER`], in characters.
 pub const MAX_REASON_CHARS: usize = 1024;

@@ -21,8 +21,8 @@ use service_kit::trace::SpanContext;
 use uuid::Uuid;
 
 use crate::consumer::{cache_keys, unique_in_stream_order};
-use crate::course_document::{self, CourseDocument};
-use crate::student_fold::{self, Touched};
+use read_models::course_document::{self, CourseDocument};
+use read_models::student_fold::{self, Touched};
 
 /// The framed messages in delivery order: stream sequence and payload.
 pub fn split_messages(mut input: &[u8]) -> Vec<(u64, &[u8])> {

@@ -1,33 +1,24 @@
-//! projectors: durable JetStream consumers that keep the read models up to date, exactly
-//! once in effect. The code here is also what `stream-admin replay` reuses.
+//! projectors: durable JetStream consumers that keep the read models (the `read-models`
+//! crate) up to date, exactly once in effect: the consume loop, the lease, dead letters and
+//! cache invalidation.
 
 pub mod config;
 pub mod consumer;
-pub mod course_document;
-pub mod course_store;
 pub mod dead_letters;
-pub mod generation;
 pub mod in_memory_batch;
 pub mod lease;
-pub mod mongo_courses;
-pub mod pg_courses;
-pub mod pg_students;
 pub mod redis_cache;
-pub mod store;
-pub mod student_fold;
 
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::Response;
 use axum::routing::get;
+use read_models::{CourseStore, PgStudents, ProjectionStore, StoreError};
 use service_kit::{health, metrics};
 
 pub use config::Config;
 pub use consumer::{ProjectionProgress, ProjectionRunner};
-pub use course_store::CourseStore;
-pub use pg_students::PgStudents;
-pub use store::{BatchOutcome, ProjectionStore, StoreError};
 
 /// What the health endpoints look at.
 #[derive(Clone)]

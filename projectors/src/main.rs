@@ -3,9 +3,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use projectors::redis_cache::RedisInvalidator;
-use projectors::{
-    Config, CourseStore, HealthState, PgStudents, ProjectionProgress, ProjectionRunner,
-};
+use projectors::{Config, HealthState, ProjectionProgress, ProjectionRunner};
+use read_models::{CourseStore, PgStudents};
 use tokio::sync::watch;
 
 #[global_allocator]

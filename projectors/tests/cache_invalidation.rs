@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use events::{AggregateKind, Event, EventMetadata, EventPayload, StudentDetails};
 use projectors::redis_cache::RedisInvalidator;
-use projectors::{PgStudents, ProjectionProgress, ProjectionRunner};
+use projectors::{ProjectionProgress, ProjectionRunner};
+use read_models::PgStudents;
 use redis::AsyncCommands;
 use test_support::{RedisServer, TestBroker, TestDatabase, eventually, free_port};
 use tokio::sync::oneshot;

@@ -11,7 +11,7 @@ use command_gateway::commands::CommandService;
 use common::{
     Expected, Lcg, Projectors, context, create_courses, differences, random_command, read_models,
 };
-use projectors::{CourseStore, PgStudents};
+use read_models::{CourseStore, PgStudents};
 use test_support::{TestBroker, TestDatabase};
 use uuid::Uuid;
 

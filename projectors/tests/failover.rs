@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{CommandLoad, Projectors, differences, long_version, mismatch, wait_for_read_models};
 use events::Projection;
-use projectors::{CourseStore, PgStudents};
+use read_models::{CourseStore, PgStudents};
 use test_support::{TcpProxy, TestBroker, TestDatabase};
 
 /// The bound the issue sets; the lease (5 s) plus polling, claim and resubscription.

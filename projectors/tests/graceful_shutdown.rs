@@ -17,7 +17,7 @@ use common::{
     wait_for_read_models,
 };
 use events::Projection;
-use projectors::{CourseStore, PgStudents, ProjectionStore};
+use read_models::{CourseStore, PgStudents, ProjectionStore};
 use test_support::{TestBroker, TestDatabase};
 
 /// Kubernetes' default `terminationGracePeriodSeconds` is 30; the projector must be far

@@ -6,8 +6,8 @@
 //! of passwords, programs on the server and the server's configuration.
 
 use events::{AggregateKind, Enrollment, Event, EventPayload, StudentDetails};
-use projectors::PgStudents;
-use projectors::generation::{Generation, STUDENTS};
+use read_models::PgStudents;
+use read_models::generation::{Generation, STUDENTS};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgPool};
 use test_support::{TestDatabase, unique_suffix};

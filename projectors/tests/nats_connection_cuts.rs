@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{CommandLoad, Projectors, differences, long_version, mismatch, wait_for_read_models};
-use projectors::{CourseStore, PgStudents};
+use read_models::{CourseStore, PgStudents};
 use test_support::{TcpProxy, TestBroker, TestDatabase};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,7 +19,7 @@ use common::{
     CommandLoad, Projectors, differences, enrollment_rows, long_version, mismatch, read_models,
     wait_for_read_models,
 };
-use projectors::{CourseStore, PgStudents};
+use read_models::{CourseStore, PgStudents};
 use test_support::{PgStop, PostgresServer, TestBroker};
 
 struct Plan {

@@ -37,7 +37,7 @@ use common::{
     read_models, wait_for_read_models,
 };
 use events::{AggregateKind, Projection};
-use projectors::{CourseStore, PgStudents};
+use read_models::{CourseStore, PgStudents};
 use test_support::{TestBroker, TestDatabase};
 use uuid::Uuid;
 

@@ -7,7 +7,8 @@ use bytes::Bytes;
 use events::{AggregateKind, Enrollment, Event, EventPayload, StudentDetails};
 use std::sync::Arc;
 
-use projectors::{PgStudents, ProjectionProgress, ProjectionRunner, ProjectionStore};
+use projectors::{ProjectionProgress, ProjectionRunner};
+use read_models::{PgStudents, ProjectionStore};
 use test_support::{TestBroker, TestDatabase, eventually};
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -438,7 +439,7 @@ impl ProjectionStore for RefusingStore {
         events::Projection::Students
     }
 
-    async fn checkpoint(&self) -> Result<u64, projectors::StoreError> {
+    async fn checkpoint(&self) -> Result<u64, read_models::StoreError> {
         ProjectionStore::checkpoint(&self.inner).await
     }
 
@@ -446,21 +447,21 @@ impl ProjectionStore for RefusingStore {
         &self,
         batch: &[(u64, Event)],
         through_sequence: u64,
-    ) -> Result<projectors::BatchOutcome, projectors::StoreError> {
+    ) -> Result<read_models::BatchOutcome, read_models::StoreError> {
         if batch
             .iter()
             .any(|(_, e)| e.metadata.event_id == self.poison)
         {
-            return Err(projectors::StoreError::Refused("poisoned".into()));
+            return Err(read_models::StoreError::Refused("poisoned".into()));
         }
         ProjectionStore::apply_batch(&self.inner, batch, through_sequence).await
     }
 
-    async fn ping(&self) -> Result<(), projectors::StoreError> {
+    async fn ping(&self) -> Result<(), read_models::StoreError> {
         Ok(())
     }
 
-    async fn claim(&self, token: u64) -> Result<(), projectors::StoreError> {
+    async fn claim(&self, token: u64) -> Result<(), read_models::StoreError> {
         ProjectionStore::claim(&self.inner, token).await
     }
 }

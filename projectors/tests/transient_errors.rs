@@ -21,10 +21,10 @@ use events::{AggregateKind, EventPayload, Projection, StudentDetails};
 use futures::StreamExt;
 use mongodb::bson::doc;
 use mongodb::error::{CommandError, ErrorKind, WriteConcernError, WriteError, WriteFailure};
-use projectors::StoreError;
 use projectors::dead_letters::{DeadLetters, MAX_REASON_CHARS, REASON_HEADER};
-use projectors::generation::Generation;
-use projectors::mongo_courses::{
+use read_models::StoreError;
+use read_models::generation::Generation;
+use read_models::mongo_courses::{
     TRANSIENT_MONGO_CODES, is_transient_mongo, is_transient_mongo_code, is_transient_mongo_kind,
 };
 use sqlx::postgres::PgPoolOptions;

@@ -24,7 +24,7 @@ use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
 use service_kit::metrics;
 
-use crate::read_models::{ReadError, ReadModels};
+use crate::models::{ReadError, ReadModels};
 
 /// How long a direct get may take before the stream is treated as unknown for this check.
 const STREAM_CHECK_TIMEOUT: Duration = Duration::from_millis(250);

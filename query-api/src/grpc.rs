@@ -15,9 +15,9 @@ use tonic_health::ServingStatus;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::pg_students::StudentView;
+use crate::models::CourseView;
 use crate::queries::{BadPageParameter, Page, PageRequest, Queries, QueryError};
-use crate::read_models::CourseView;
+use read_models::StudentView;
 
 /// Generated from `proto/school/query/v1/query.proto`.
 pub mod pb {

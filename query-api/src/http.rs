@@ -15,10 +15,10 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 use uuid::Uuid;
 
+use crate::models::CourseView;
 use crate::openapi::{ApiDoc, ReadErrors};
-use crate::pg_students::StudentView;
 use crate::queries::{BadPageParameter, Page, PageRequest, Queries, QueryError};
-use crate::read_models::CourseView;
+use read_models::StudentView;
 
 /// Header naming the stream position a read must reflect.
 pub const CONSISTENCY_TOKEN_HEADER: &str = "x-consistency-token";

@@ -6,10 +6,9 @@ pub mod config;
 pub mod consistency;
 pub mod grpc;
 pub mod http;
+pub mod models;
 pub mod openapi;
-pub mod pg_students;
 pub mod queries;
-pub mod read_models;
 
 use std::future::Future;
 use std::time::Duration;
@@ -34,11 +33,11 @@ pub async fn queries(config: &Config) -> anyhow::Result<Queries> {
         .unwrap_or(&config.database_url);
     // The same database as the students: share the pool rather than open a second one.
     let shared_pool = (courses_url == config.database_url).then(|| pool.clone());
-    let courses = projectors::CourseStore::connect_reader(courses_url, shared_pool)
+    let courses = read_models::CourseStore::connect_reader(courses_url, shared_pool)
         .await
         .context("connecting to COURSES_STORE_URL")?;
-    let models = read_models::ReadModels {
-        students: pg_students::PgStudents::new(pool),
+    let models = models::ReadModels {
+        students: read_models::StudentReader::new(pool),
         courses,
     };
     let cache = cache::Cache::new(config.redis_url.as_deref()).context("REDIS_URL")?;

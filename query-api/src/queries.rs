@@ -10,8 +10,8 @@ use uuid::Uuid;
 
 use crate::cache::Cache;
 use crate::consistency::{Consistency, Required, WaitError};
-use crate::pg_students::StudentView;
-use crate::read_models::{CourseView, ReadError, ReadModels};
+use crate::models::{CourseView, ReadError, ReadModels};
+use read_models::StudentView;
 
 /// Page size when the client names none.
 pub const DEFAULT_PAGE_SIZE: u32 = 20;

@@ -2,9 +2,9 @@
 //! projectors' migrations) reads every read model through query-api's own read code, and
 //! every attempt to write, change the schema or create a table is refused by Postgres.
 
-use projectors::CourseStore;
-use query_api::pg_students::PgStudents;
-use query_api::read_models::ReadModels;
+use query_api::models::ReadModels;
+use read_models::CourseStore;
+use read_models::StudentReader;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgPool};
 use test_support::{TestDatabase, unique_suffix};
@@ -32,7 +32,7 @@ async fn reader_login(db: &TestDatabase) -> (String, PgPool) {
 async fn the_query_role_reads_every_read_model_and_cannot_write_anything() {
     let db = TestDatabase::create().await;
     // The projectors' store opens as the owner and migrates (this creates the grants).
-    projectors::PgStudents::with_pool(db.pool.clone())
+    read_models::PgStudents::with_pool(db.pool.clone())
         .await
         .expect("migrated");
     let student = Uuid::now_v7();
@@ -48,7 +48,7 @@ async fn the_query_role_reads_every_read_model_and_cannot_write_anything() {
 
     // Reads, through query-api's code.
     let models = ReadModels {
-        students: PgStudents::new(reader.clone()),
+        students: StudentReader::new(reader.clone()),
         courses: CourseStore::connect_reader(&db.url, Some(reader.clone()))
             .await
             .expect("course store"),

@@ -7,7 +7,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use projectors::generation::{Generation, STUDENTS};
+use read_models::generation::{Generation, STUDENTS};
 use stream_admin::replay::{ReplayOptions, ReplayTarget, replay};
 
 #[tokio::main]

@@ -14,13 +14,14 @@ use std::time::Duration;
 use anyhow::Context;
 use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, message::StreamMessage};
+use events::dead_letter_headers::{
+    ORIGINAL_SEQUENCE as ORIGINAL_SEQUENCE_HEADER, ORIGINAL_SUBJECT as ORIGINAL_SUBJECT_HEADER,
+    PROJECTION as PROJECTION_HEADER, REASON as REASON_HEADER,
+};
 use events::{Event, StreamNames};
 use futures::StreamExt;
-use projectors::StoreError;
-use projectors::dead_letters::{
-    ORIGINAL_SEQUENCE_HEADER, ORIGINAL_SUBJECT_HEADER, PROJECTION_HEADER, REASON_HEADER,
-};
-use projectors::pg_students::AggregateHistory;
+use read_models::StoreError;
+use read_models::pg_students::AggregateHistory;
 use serde::Serialize;
 use uuid::Uuid;
 

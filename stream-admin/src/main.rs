@@ -221,9 +221,9 @@ async fn main() -> anyhow::Result<()> {
             let report = match model {
                 ReadModel::Students(live) => {
                     let target = ReplayTarget {
-                        model: projectors::generation::STUDENTS,
+                        model: read_models::generation::STUDENTS,
                         pool: live.pool().clone(),
-                        next: live.generation(projectors::generation::Generation::Next),
+                        next: live.generation(read_models::generation::Generation::Next),
                     };
                     replay::replay(&client, names, target, options).await?
                 }
@@ -233,9 +233,9 @@ async fn main() -> anyhow::Result<()> {
                          the Postgres course store (COURSES_STORE_URL=postgres://…) supports it",
                     )?;
                     let target = ReplayTarget {
-                        model: projectors::generation::COURSES,
+                        model: read_models::generation::COURSES,
                         pool: live.pool().clone(),
-                        next: live.generation(projectors::generation::Generation::Next),
+                        next: live.generation(read_models::generation::Generation::Next),
                     };
                     replay::replay(&client, names, target, options).await?
                 }

@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use events::Projection;
-use projectors::{CourseStore, PgStudents};
+use read_models::{CourseStore, PgStudents};
 
 #[derive(Clone)]
 pub enum ReadModel {
@@ -37,7 +37,7 @@ impl ReadModel {
     pub async fn checkpoint(&self) -> anyhow::Result<u64> {
         Ok(match self {
             ReadModel::Students(store) => store.checkpoint().await?,
-            ReadModel::Courses(store) => projectors::ProjectionStore::checkpoint(store).await?,
+            ReadModel::Courses(store) => read_models::ProjectionStore::checkpoint(store).await?,
         })
     }
 }

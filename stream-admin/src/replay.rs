@@ -1,6 +1,6 @@
 //! `replay <projection>`: rebuilds a read model from the first event into the next
 //! generation of its tables while the live one keeps serving, catches up to the live
-//! projection, verifies, and switches atomically (see `projectors::generation`).
+//! projection, verifies, and switches atomically (see `read_models::generation`).
 //!
 //! Events are applied by the projection's own store code (`ProjectionStore::apply_batch`),
 //! read with an ephemeral ordered consumer on the projection's subjects. The next
@@ -14,8 +14,8 @@ use async_nats::jetstream::{self, consumer};
 use events::{Projection, StreamNames};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use projectors::ProjectionStore;
-use projectors::generation::{PgModel, SwitchError, SwitchReport};
+use read_models::ProjectionStore;
+use read_models::generation::{PgModel, SwitchError, SwitchReport};
 use sqlx::PgPool;
 
 /// Below this many events behind, the rest is applied while the live projection is paused.
@@ -89,7 +89,7 @@ pub async fn replay<S: ProjectionStore>(
     // Bulk: follow the live checkpoint (never past it) until close behind.
     loop {
         let live = model
-            .checkpoint(&pool, projectors::generation::Generation::Live)
+            .checkpoint(&pool, read_models::generation::Generation::Live)
             .await?;
         let done = next.checkpoint().await?;
         copier.show_target(live);

@@ -11,8 +11,8 @@ use futures::StreamExt;
 use projectors::dead_letters::{
     ORIGINAL_SEQUENCE_HEADER, ORIGINAL_SUBJECT_HEADER, PROJECTION_HEADER, REASON_HEADER,
 };
-use projectors::pg_courses::PgCourses;
-use projectors::{CourseStore, PgStudents, ProjectionStore};
+use read_models::pg_courses::PgCourses;
+use read_models::{CourseStore, PgStudents, ProjectionStore};
 use sqlx::AssertSqlSafe;
 use sqlx::postgres::PgPoolOptions;
 use stream_admin::dlq::{self, ReadModels};

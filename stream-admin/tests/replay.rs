@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::{Live, registered, school};
-use projectors::generation::{Generation, STUDENTS};
+use read_models::generation::{Generation, STUDENTS};
 use stream_admin::replay::{ReplayOptions, ReplayTarget, replay};
 use uuid::Uuid;
 
@@ -20,7 +20,7 @@ const OPTIONS: ReplayOptions = ReplayOptions {
     progress: false,
 };
 
-fn target(live: &Live) -> ReplayTarget<projectors::PgStudents> {
+fn target(live: &Live) -> ReplayTarget<read_models::PgStudents> {
     ReplayTarget {
         model: STUDENTS,
         pool: live.db.pool.clone(),
@@ -30,9 +30,9 @@ fn target(live: &Live) -> ReplayTarget<projectors::PgStudents> {
 
 /// query-api's REST router on the test database (no cache, no NATS).
 async fn serve_reads(live: &Live) -> String {
-    let models = query_api::read_models::ReadModels {
-        students: query_api::pg_students::PgStudents::new(live.db.pool.clone()),
-        courses: projectors::CourseStore::connect(&live.db.url)
+    let models = query_api::models::ReadModels {
+        students: read_models::StudentReader::new(live.db.pool.clone()),
+        courses: read_models::CourseStore::connect(&live.db.url)
             .await
             .expect("courses store"),
     };
@@ -271,7 +271,7 @@ async fn waiting_on_a_lock(pool: &sqlx::PgPool, like: &str) -> bool {
 async fn a_replay_before_the_live_projections_first_commit_serialises_with_its_first_batch() {
     let broker = test_support::TestBroker::start().await;
     let db = test_support::TestDatabase::create().await;
-    let students = projectors::PgStudents::with_pool(db.pool.clone())
+    let students = read_models::PgStudents::with_pool(db.pool.clone())
         .await
         .expect("migrated");
     // Events on the stream, and the live projection has not started yet.

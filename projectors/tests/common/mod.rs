@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use command_gateway::commands::{CommandContext, CommandService};
 use command_gateway::domain::{Command as DomainCommand, CourseDraft, Snapshot, StudentDraft};
-use projectors::{CourseStore, PgStudents};
+use read_models::{CourseStore, PgStudents};
 use test_support::{ServiceProcess, free_port};
 use uuid::Uuid;
 

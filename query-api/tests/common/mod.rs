@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use projectors::redis_cache::RedisInvalidator;
-use projectors::{CourseStore, PgStudents, ProjectionProgress, ProjectionRunner};
+use projectors::{ProjectionProgress, ProjectionRunner};
 use query_api::Queries;
 use query_api::cache::Cache;
 use query_api::consistency::Consistency;
-use query_api::pg_students;
-use query_api::read_models::ReadModels;
+use query_api::models::ReadModels;
+use read_models::{CourseStore, PgStudents};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use test_support::{READ_KEY, RedisServer, TestBroker, TestDatabase, WRITE_KEY, free_port};
@@ -156,7 +156,7 @@ impl TestSystem {
                 .await;
 
         let models = ReadModels {
-            students: pg_students::PgStudents::new(db.pool.clone()),
+            students: read_models::StudentReader::new(db.pool.clone()),
             courses,
         };
         let consistency = Consistency::new(

@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use events::{AggregateKind, Enrollment, Event, EventPayload, StudentDetails};
-use projectors::{PgStudents, ProjectionProgress, ProjectionRunner};
+use projectors::{ProjectionProgress, ProjectionRunner};
+use read_models::PgStudents;
 use test_support::{TestBroker, TestDatabase};
 use tokio::sync::watch;
 use uuid::Uuid;

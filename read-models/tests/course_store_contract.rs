@@ -3,8 +3,8 @@
 //! `MONGODB_URL` names a server.
 
 use events::{AggregateKind, CourseDetails, Enrollment, Event, EventPayload};
-use projectors::course_document::CourseDocument;
-use projectors::{CourseStore, ProjectionStore};
+use read_models::course_document::CourseDocument;
+use read_models::{CourseStore, ProjectionStore};
 use test_support::TestDatabase;
 use uuid::Uuid;
 

@@ -2,12 +2,12 @@
 //! store), the relation reads that cross the two, and how far each projection has applied.
 
 use events::Projection;
-use projectors::course_document::CourseDocument;
-use projectors::{CourseStore, ProjectionStore};
+use read_models::course_document::CourseDocument;
+use read_models::{CourseStore, ProjectionStore};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::pg_students::{PgStudents, StudentView};
+use read_models::{StudentReader, StudentView};
 
 /// A course as read from its read model (and cached).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,15 +46,15 @@ impl From<sqlx::Error> for ReadError {
     }
 }
 
-impl From<projectors::StoreError> for ReadError {
-    fn from(error: projectors::StoreError) -> Self {
+impl From<read_models::StoreError> for ReadError {
+    fn from(error: read_models::StoreError) -> Self {
         ReadError(error.to_string())
     }
 }
 
 #[derive(Clone)]
 pub struct ReadModels {
-    pub students: PgStudents,
+    pub students: StudentReader,
     pub courses: CourseStore,
 }
 

@@ -1,4 +1,5 @@
-//! Reads of the students read model in Postgres.
+//! Reads of the students read model in Postgres (query-api's side: a read-only role
+//! suffices; the schema is `pg_students`' migrations).
 
 use std::collections::HashMap;
 
@@ -28,13 +29,13 @@ struct StudentRow {
 }
 
 #[derive(Clone)]
-pub struct PgStudents {
+pub struct StudentReader {
     pool: PgPool,
 }
 
-impl PgStudents {
+impl StudentReader {
     pub fn new(pool: PgPool) -> Self {
-        PgStudents { pool }
+        StudentReader { pool }
     }
 
     pub fn pool(&self) -> &PgPool {

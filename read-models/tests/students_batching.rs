@@ -5,8 +5,8 @@
 //! frequent. Real Postgres; the two runs write two generations of the same database.
 
 use events::{AggregateKind, Enrollment, Event, EventMetadata, EventPayload, StudentDetails};
-use projectors::PgStudents;
-use projectors::generation::{Generation, STUDENTS};
+use read_models::PgStudents;
+use read_models::generation::{Generation, STUDENTS};
 use test_support::TestDatabase;
 use uuid::Uuid;
 
