@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
+pub mod mongo;
 mod nats_cluster;
 mod nats_server;
 mod netns;
