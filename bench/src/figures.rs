@@ -10,9 +10,8 @@ use events::{AggregateKind, Enrollment, Event, EventPayload, StudentDetails};
 use hyper::body::Bytes;
 use projectors::{ProjectionProgress, ProjectionRunner};
 use read_models::PgStudents;
-use read_models::generation::{Generation, STUDENTS};
 use sqlx::AssertSqlSafe;
-use stream_admin::replay::{ReplayOptions, ReplayTarget, replay};
+use stream_admin::replay::{ReplayOptions, replay};
 use test_support::TestBroker;
 use uuid::Uuid;
 
@@ -449,11 +448,7 @@ pub async fn full_replay(events: usize) -> anyhow::Result<Run> {
             }
         })
     };
-    let target = ReplayTarget {
-        model: STUDENTS,
-        pool: world.db.pool.clone(),
-        next: store.generation(Generation::Next),
-    };
+    let target = store.clone();
     let options = ReplayOptions {
         force: false,
         keep_old: false,

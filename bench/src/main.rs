@@ -5,12 +5,14 @@
 //! Needs the local stack's NATS, Postgres and Redis (`scripts/dev bench` starts them and
 //! builds in release mode). Each figure runs on streams and a database of its own, with the
 //! services started as processes of their own from the release binaries next to this one.
-//! The durability rows start 3-node JetStream clusters of their own (`cluster.rs`).
+//! The durability rows start 3-node JetStream clusters of their own (`cluster.rs`). The
+//! MongoDB row runs on the server `--mongodb-url` names, when one is named (`mongo.rs`).
 
 mod cluster;
 mod figures;
 mod hello;
 mod load;
+mod mongo;
 mod peer;
 mod report;
 mod world;
@@ -100,6 +102,18 @@ struct Args {
     /// Measure only these parts (for profiling one figure; prints the table, writes nothing).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Part>,
+    /// The MongoDB of the courses-projection row (`mongodb://…`); without one the row is not
+    /// measured. Each run uses a database of its own there and drops it.
+    #[arg(long, env = "MONGODB_URL", hide_env_values = true)]
+    mongodb_url: Option<String>,
+    /// The server of --mongodb-url is the wire-protocol stand-in, not MongoDB (`scripts/dev`
+    /// sets it; the server's buildInfo is asked too): the row's name says so.
+    #[arg(long, env = "MONGODB_STANDIN", value_parser = clap::builder::FalseyValueParser::new())]
+    mongodb_standin: bool,
+    /// Course events in the MongoDB row's backlog (default: 20 000; 2 000 on the stand-in,
+    /// which is slow).
+    #[arg(long)]
+    mongo_events: Option<usize>,
 }
 
 /// The parts of a run that `--only` can pick.
@@ -118,6 +132,8 @@ enum Part {
     /// Create commands and their publish-with-ack ceiling on 3-node clusters (R3), with the
     /// server's default sync_interval and with `always`.
     Cluster,
+    /// The courses projection into MongoDB and its bulk-upsert ceiling (needs --mongodb-url).
+    Mongo,
 }
 
 impl Args {
@@ -128,12 +144,26 @@ impl Args {
             self.concurrency = 4;
             self.projection_events = 2_000;
             self.replay_events = 5_000;
+            // The stand-in writes a few hundred documents a second: 2 batches, ~2 s.
+            self.mongo_events = Some(500);
         }
         self
     }
 
     fn measures(&self, part: Part) -> bool {
         self.only.is_empty() || self.only.contains(&part)
+    }
+
+    /// The MongoDB row's server, when the row is measured.
+    fn mongodb_url(&self) -> anyhow::Result<Option<&str>> {
+        let url = self.mongodb_url.as_deref().filter(|u| !u.trim().is_empty());
+        if !self.measures(Part::Mongo) {
+            return Ok(None);
+        }
+        if url.is_none() && self.only.contains(&Part::Mongo) {
+            bail!("--only mongo needs a server: --mongodb-url (or MONGODB_URL)");
+        }
+        Ok(url)
     }
 
     fn duration(&self) -> Duration {
@@ -263,61 +293,76 @@ async fn all(args: Args) -> anyhow::Result<()> {
     let mut visible = Vec::new();
     let mut round_trip = Vec::new();
     let mut cluster_figures = cluster::ClusterFigures::default();
+    let mut mongo_figures = mongo::MongoFigures::default();
     let nats_server = if args.measures(Part::Cluster) {
         Some(cluster::nats_server_bin()?)
     } else {
         None
     };
+    let mongodb_url = args.mongodb_url()?;
+    if mongodb_url.is_none() && args.measures(Part::Mongo) {
+        say("no --mongodb-url (or MONGODB_URL): the MongoDB row is not measured");
+    }
 
     let load_before = report::load_average();
-    let hello = start_hello().await?;
+    let hello = if args.measures(Part::Reads) {
+        Some(start_hello().await?)
+    } else {
+        None
+    };
     for run in 1..=args.runs {
         say(&format!("run {run} of {}", args.runs));
-        // Commands, reads and visibility on the real services of one fresh world.
-        let world = World::new().await;
-        let system = world.start_system(&bin_dir).await?;
-        if args.measures(Part::Commands) {
-            say("create commands over HTTP, and JetStream publish-with-ack");
-            commands.push(figures::create_commands(&system.gateway, c, warmup, duration).await?);
-            publish.push(figures::publish_with_ack(&world.broker, c, warmup, duration).await?);
-        }
+        // Commands, reads and visibility on the real services of one fresh world (only for
+        // the parts that use them).
+        if args.measures(Part::Commands) || args.measures(Part::Reads) {
+            let world = World::new().await;
+            let system = world.start_system(&bin_dir).await?;
+            if args.measures(Part::Commands) {
+                say("create commands over HTTP, and JetStream publish-with-ack");
+                commands
+                    .push(figures::create_commands(&system.gateway, c, warmup, duration).await?);
+                publish.push(figures::publish_with_ack(&world.broker, c, warmup, duration).await?);
+            }
 
-        let id = seed_student(&system).await?;
-        let path = format!("/api/students/{id}");
-        let read_servers = if args.measures(Part::Reads) {
-            say("reads: REST and gRPC, cached and uncached, and hello-world ceilings");
-            vec![&hello, &system.query, &system.query_uncached]
-        } else {
-            Vec::new()
-        };
-        for (i, server) in read_servers.into_iter().enumerate() {
-            let api_key = world::READ_KEY;
-            reads[i].push(
-                figures::measured(Some(server), async || {
-                    load::http_get(server.http, &path, api_key, c, warmup, duration).await
-                })
-                .await?,
-            );
-            let grpc = format!("http://{}", server.grpc.context("a gRPC port")?);
-            reads[i + 3].push(
-                figures::measured(Some(server), async || {
-                    load::grpc_get_student(&grpc, &id, api_key, c, 4, warmup, duration).await
-                })
-                .await?,
-            );
-        }
+            let id = seed_student(&system).await?;
+            let path = format!("/api/students/{id}");
+            let read_servers = match &hello {
+                Some(hello) => {
+                    say("reads: REST and gRPC, cached and uncached, and hello-world ceilings");
+                    vec![hello, &system.query, &system.query_uncached]
+                }
+                None => Vec::new(),
+            };
+            for (i, server) in read_servers.into_iter().enumerate() {
+                let api_key = world::READ_KEY;
+                reads[i].push(
+                    figures::measured(Some(server), async || {
+                        load::http_get(server.http, &path, api_key, c, warmup, duration).await
+                    })
+                    .await?,
+                );
+                let grpc = format!("http://{}", server.grpc.context("a gRPC port")?);
+                reads[i + 3].push(
+                    figures::measured(Some(server), async || {
+                        load::grpc_get_student(&grpc, &id, api_key, c, 4, warmup, duration).await
+                    })
+                    .await?,
+                );
+            }
 
-        if args.measures(Part::Commands) {
-            say("command accepted -> visible, at half the measured command rate");
-            let rate = (commands.last().map_or(100.0, |r| r.rate) / 2.0).max(10.0);
-            visible
-                .push(figures::accepted_to_visible(&world, &system.gateway, rate, duration).await?);
-            round_trip.push(
-                figures::round_trip_ceiling(&world, if args.tiny { 50 } else { 1000 }).await?,
-            );
+            if args.measures(Part::Commands) {
+                say("command accepted -> visible, at half the measured command rate");
+                let rate = (commands.last().map_or(100.0, |r| r.rate) / 2.0).max(10.0);
+                visible.push(
+                    figures::accepted_to_visible(&world, &system.gateway, rate, duration).await?,
+                );
+                round_trip.push(
+                    figures::round_trip_ceiling(&world, if args.tiny { 50 } else { 1000 }).await?,
+                );
+            }
+            drop(system);
+            world.cleanup().await;
         }
-        drop(system);
-        world.cleanup().await;
 
         if let Some(nats_server) = &nats_server {
             for sync in cluster::ClusterFigures::SETTINGS {
@@ -386,12 +431,39 @@ async fn all(args: Args) -> anyhow::Result<()> {
             ));
             replay.push(figures::full_replay(args.replay_events).await?);
         }
+
+        if let Some(url) = mongodb_url {
+            say("courses projection into MongoDB, and its bulk-upsert ceiling");
+            let batch = if args.tiny {
+                250
+            } else {
+                figures::PROJECTOR_BATCH
+            };
+            mongo_figures.push(
+                mongo::courses_projection(url, args.mongo_events, batch, args.mongodb_standin)
+                    .await?,
+            );
+        }
     }
     drop(hello);
 
     let replay_notes: Vec<String> = replay.iter().map(|r| r.note.clone()).collect();
     let broker_notes: Vec<String> = unnest_with_broker.iter().map(|r| r.note.clone()).collect();
     let cluster_note = cluster_figures.note();
+    let mongo_text = mongo_figures.measured().then(|| {
+        format!(
+            "{} Server: {}{}. Runs: {}.",
+            mongo::REPORT_TEXT,
+            mongo_figures.server.version,
+            if mongo_figures.server.stand_in {
+                " (the MongoDB wire-protocol stand-in of ../shared/mongo-standin, a Python \
+                 server: its figures say nothing about MongoDB)"
+            } else {
+                ""
+            },
+            mongo_figures.notes.join("; ")
+        )
+    });
     let rows = rows(
         &args,
         commands,
@@ -404,6 +476,7 @@ async fn all(args: Args) -> anyhow::Result<()> {
         visible,
         round_trip,
         cluster_figures,
+        mongo_figures,
     );
     if !args.only.is_empty() {
         let measured: Vec<Row> = rows.into_iter().filter(|r| !r.runs.is_empty()).collect();
@@ -423,6 +496,9 @@ async fn all(args: Args) -> anyhow::Result<()> {
     println!(
         "Cluster runs, CPU s of the 3 NATS nodes during the commands / the ceiling: {cluster_note} (stores in {cluster_store})."
     );
+    if let Some(text) = &mongo_text {
+        println!("The MongoDB row: {text}");
+    }
     if args.tiny {
         say("tiny run: nothing written");
         return Ok(());
@@ -441,7 +517,9 @@ async fn all(args: Args) -> anyhow::Result<()> {
          Broker beside the projector's ceiling (the bare consumer of the broker-busy row): {broker}.\n\n\
          The R3 rows: {cluster_text}\n\n\
          CPU s of the 3 NATS nodes in each cluster run (during the commands / during the ceiling): {cluster_note}.\n\n\
+         {mongo}\
          ![throughput and latency](bench.png)\n",
+        mongo = mongo_text.map_or_else(String::new, |t| format!("The MongoDB row: {t}\n\n")),
         cluster_text = cluster::REPORT_TEXT.replace("{store}", &cluster_store),
         notes = replay_notes.join("; "),
         broker = broker_notes.join("; "),
@@ -477,6 +555,7 @@ fn rows(
     visible: Vec<Run>,
     round_trip: Vec<Run>,
     cluster: cluster::ClusterFigures,
+    mongo: mongo::MongoFigures,
 ) -> Vec<Row> {
     let rate = |runs: &[Run]| median(runs, |r| r.rate);
     let p99 = |runs: &[Run]| median(runs, |r| r.p99_ms);
@@ -635,9 +714,35 @@ fn rows(
             compare: Compare::Rate,
         },
     ];
+    // Next to the projector rows (after "projector, broker busy"), when measured.
+    if mongo.measured() {
+        let at = rows
+            .iter()
+            .position(|r| r.label == "projector, broker busy")
+            .map_or(rows.len(), |i| i + 1);
+        rows.insert(at, mongo_row(mongo));
+    }
     // Next to the one-node create-commands row.
     rows.splice(1..1, cluster_rows(cluster));
     rows
+}
+
+/// The courses projection into MongoDB against its bulk-upsert ceiling. No §10 target; on
+/// the stand-in it is kept out of the chart (its scale is not MongoDB's).
+fn mongo_row(mongo: mongo::MongoFigures) -> Row {
+    let stand_in = mongo.server.stand_in;
+    Row {
+        label: "courses → MongoDB",
+        figure: mongo.figure(),
+        unit: "events/s",
+        met: None,
+        ceiling_name: mongo::CEILING.into(),
+        runs: mongo.projection,
+        ceiling: mongo.ceiling,
+        target: "— (the store's share of the projector's work)".into(),
+        chart: !stand_in,
+        compare: Compare::Rate,
+    }
 }
 
 /// Create commands on the 3-node cluster, per sync_interval, each against the

@@ -5,9 +5,10 @@ use events::{Event, Projection};
 use uuid::Uuid;
 
 use crate::course_document::CourseDocument;
+use crate::generation;
 use crate::mongo_courses::MongoCourses;
 use crate::pg_courses::PgCourses;
-use crate::pg_students::AggregateHistory;
+use crate::rebuild::{AggregateHistory, GenerationSwitch, Rebuildable, SwitchError, SwitchReport};
 use crate::store::{BatchOutcome, ProjectionStore, StoreError};
 
 /// A course store chosen at start by URL scheme.
@@ -79,27 +80,75 @@ impl CourseStore {
     }
 }
 
-impl CourseStore {
-    /// The Postgres adapter, when that is the one in use (replays need it).
-    pub fn postgres(&self) -> Option<&PgCourses> {
+const MONGO_NOT_YET: &str =
+    "replay and redrive are not implemented for the MongoDB course store yet";
+
+/// A switch in progress on whichever store is in use.
+pub enum CourseSwitch {
+    Postgres(generation::Switch),
+}
+
+impl GenerationSwitch for CourseSwitch {
+    fn live_checkpoint(&self) -> u64 {
         match self {
-            CourseStore::Postgres(store) => Some(store),
-            CourseStore::Mongo(_) => None,
+            CourseSwitch::Postgres(switch) => switch.live_checkpoint(),
         }
     }
 
-    /// Replaces one course by the fold of its history up to the checkpoint (redrive), read
-    /// once the checkpoint is locked.
-    pub async fn rebuild_aggregate(
+    async fn finish(self, force: bool, keep_old: bool) -> Result<SwitchReport, SwitchError> {
+        match self {
+            CourseSwitch::Postgres(switch) => switch.finish(force, keep_old).await,
+        }
+    }
+
+    async fn abort(self) {
+        match self {
+            CourseSwitch::Postgres(switch) => switch.abort().await,
+        }
+    }
+}
+
+impl Rebuildable for CourseStore {
+    type Switch = CourseSwitch;
+
+    fn next_generation(&self) -> Self {
+        match self {
+            CourseStore::Postgres(store) => CourseStore::Postgres(store.next_generation()),
+            CourseStore::Mongo(store) => CourseStore::Mongo(store.clone()),
+        }
+    }
+
+    async fn prepare_next(&self) -> Result<bool, StoreError> {
+        match self {
+            CourseStore::Postgres(store) => store.prepare_next().await,
+            CourseStore::Mongo(_) => Err(StoreError::Refused(MONGO_NOT_YET.into())),
+        }
+    }
+
+    async fn drop_next(&self) -> Result<(), StoreError> {
+        match self {
+            CourseStore::Postgres(store) => store.drop_next().await,
+            CourseStore::Mongo(_) => Err(StoreError::Refused(MONGO_NOT_YET.into())),
+        }
+    }
+
+    async fn begin_switch(&self) -> Result<CourseSwitch, StoreError> {
+        Ok(match self {
+            CourseStore::Postgres(store) => CourseSwitch::Postgres(store.begin_switch().await?),
+            CourseStore::Mongo(_) => return Err(StoreError::Refused(MONGO_NOT_YET.into())),
+        })
+    }
+
+    async fn rebuild_aggregate(
         &self,
         id: Uuid,
         history: impl AggregateHistory,
     ) -> Result<usize, StoreError> {
         match self {
-            CourseStore::Postgres(store) => store.rebuild_aggregate(id, history).await,
-            CourseStore::Mongo(_) => Err(StoreError::Refused(
-                "rebuilding a course is not implemented for the MongoDB course store yet".into(),
-            )),
+            CourseStore::Postgres(store) => {
+                Rebuildable::rebuild_aggregate(store, id, history).await
+            }
+            CourseStore::Mongo(_) => Err(StoreError::Refused(MONGO_NOT_YET.into())),
         }
     }
 }

@@ -14,6 +14,14 @@ use events::Projection;
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 
 use crate::pg_students::{lock_checkpoint, read_checkpoint};
+use uuid::Uuid;
+
+use crate::pg_courses::PgCourses;
+use crate::pg_students::PgStudents;
+use crate::rebuild::{
+    AggregateHistory, Fingerprint, GenerationSwitch, Rebuildable, SwitchError, SwitchReport,
+};
+use crate::store::StoreError;
 
 /// Which set of tables a store reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,19 +68,6 @@ pub const COURSES: PgModel = PgModel {
     tables: &["course_documents"],
     foreign_keys: &[],
 };
-
-/// Row count and an order-independent checksum of a generation's content.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fingerprint {
-    pub rows: i64,
-    pub checksum: String,
-}
-
-impl std::fmt::Display for Fingerprint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} rows, checksum {}", self.rows, self.checksum)
-    }
-}
 
 impl PgModel {
     /// Creates the next generation's tables (same columns, indexes and constraints as the
@@ -210,6 +205,7 @@ impl PgModel {
         let live_checkpoint = lock_checkpoint(&mut tx, &key).await?;
         Ok(Switch {
             model: *self,
+            pool: pool.clone(),
             tx,
             live_checkpoint,
         })
@@ -219,45 +215,26 @@ impl PgModel {
 /// A switch in progress: the live projection is paused at `live_checkpoint`.
 pub struct Switch {
     model: PgModel,
+    pool: PgPool,
     tx: Transaction<'static, Postgres>,
     pub live_checkpoint: u64,
 }
 
-/// Why a switch did not happen.
-#[derive(Debug, thiserror::Error)]
-pub enum SwitchError {
-    #[error("the new model is at position {next}, the live one at {live}: catch up first")]
-    NotCaughtUp { next: u64, live: u64 },
-    #[error("the new model differs from the live one (live: {live}; new: {next})")]
-    Mismatch {
-        live: Fingerprint,
-        next: Fingerprint,
-    },
-    #[error(transparent)]
-    Database(#[from] sqlx::Error),
-}
+impl GenerationSwitch for Switch {
+    fn live_checkpoint(&self) -> u64 {
+        self.live_checkpoint
+    }
 
-/// What a switch compared and did.
-#[derive(Debug, Clone)]
-pub struct SwitchReport {
-    pub position: u64,
-    pub live: Fingerprint,
-    pub next: Fingerprint,
-    /// The old generation's tables are kept as `<table>__old`.
-    pub kept_old: bool,
-}
+    async fn abort(self) {
+        self.rollback().await
+    }
 
-impl Switch {
     /// Compares the generations and, when they match (or `force`), makes the next one live.
     /// The old one is dropped after the commit unless `keep_old` (then it replaces any
     /// earlier `__old` tables).
-    pub async fn finish(
-        mut self,
-        pool: &PgPool,
-        force: bool,
-        keep_old: bool,
-    ) -> Result<SwitchReport, SwitchError> {
+    async fn finish(mut self, force: bool, keep_old: bool) -> Result<SwitchReport, SwitchError> {
         let model = self.model;
+        let pool = self.pool.clone();
         let next_checkpoint = read_checkpoint_in(
             &mut self.tx,
             &Generation::Next.checkpoint_key(model.projection),
@@ -324,7 +301,17 @@ impl Switch {
             live,
             next,
             kept_old: keep_old,
+            uncompared: 0,
         })
+    }
+}
+
+impl Switch {
+    async fn rollback(self) {
+        // Rolling back releases the checkpoint row lock: the live projection goes on.
+        if let Err(error) = self.tx.rollback().await {
+            tracing::warn!(%error, "rolling back an aborted switch; the connection's end releases the lock");
+        }
     }
 }
 
@@ -361,3 +348,39 @@ async fn execute(tx: &mut Transaction<'_, Postgres>, sql: String) -> Result<(), 
     sqlx::query(AssertSqlSafe(sql)).execute(&mut **tx).await?;
     Ok(())
 }
+
+/// The Postgres read models' generations: tables renamed in one transaction.
+macro_rules! pg_rebuildable {
+    ($store:ty, $model:expr) => {
+        impl Rebuildable for $store {
+            type Switch = Switch;
+
+            fn next_generation(&self) -> Self {
+                self.generation(Generation::Next)
+            }
+
+            async fn prepare_next(&self) -> Result<bool, StoreError> {
+                Ok($model.prepare_next(self.pool()).await?)
+            }
+
+            async fn drop_next(&self) -> Result<(), StoreError> {
+                Ok($model.drop_next(self.pool()).await?)
+            }
+
+            async fn begin_switch(&self) -> Result<Switch, StoreError> {
+                Ok($model.begin_switch(self.pool()).await?)
+            }
+
+            async fn rebuild_aggregate(
+                &self,
+                id: Uuid,
+                history: impl AggregateHistory,
+            ) -> Result<usize, StoreError> {
+                <$store>::rebuild_aggregate(self, id, history).await
+            }
+        }
+    };
+}
+
+pg_rebuildable!(PgStudents, STUDENTS);
+pg_rebuildable!(PgCourses, COURSES);

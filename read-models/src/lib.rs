@@ -11,6 +11,7 @@ pub mod mongo_courses;
 pub mod pg_courses;
 pub mod pg_student_reader;
 pub mod pg_students;
+pub mod rebuild;
 pub mod store;
 pub mod student_fold;
 

@@ -11,11 +11,11 @@ use uuid::Uuid;
 
 use crate::course_document::{self, CourseDocument};
 use crate::generation::{Generation, ensure_checkpoint_row};
-use crate::pg_students::AggregateHistory;
 use crate::pg_students::{
     advance_checkpoint, begin_batch, claim_checkpoint, lock_checkpoint, read_checkpoint,
     sequence_to_db, writer_pool,
 };
+use crate::rebuild::AggregateHistory;
 use crate::store::{BatchOutcome, FenceToken, ProjectionStore, StoreError};
 
 const PROJECTION: Projection = Projection::Courses;

@@ -2,7 +2,6 @@
 //! checkpoint that makes re-delivery harmless.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::future::Future;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -11,6 +10,7 @@ use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::generation::{Generation, ensure_checkpoint_row};
+use crate::rebuild::AggregateHistory;
 use crate::store::{BatchOutcome, FenceToken, ProjectionStore, StoreError};
 use crate::student_fold::{self, StudentRow, Touched, Writes};
 
@@ -349,28 +349,6 @@ impl PgStudents {
                 .await?;
         }
         Ok(true)
-    }
-}
-
-/// An aggregate's history as a rebuild (`stream-admin dlq redrive`) reads it: only once the
-/// read model's checkpoint row is locked, and up to that checkpoint.
-pub trait AggregateHistory: Send {
-    /// Every event of the aggregate's subject at or below `checkpoint`, in stream order.
-    fn read_through(
-        self,
-        checkpoint: u64,
-    ) -> impl Future<Output = Result<Vec<(u64, Event)>, StoreError>> + Send;
-}
-
-/// A history read earlier. Complete only if nothing was appended to the aggregate's subject
-/// since: read it through [`AggregateHistory::read_through`] wherever events may still come.
-impl AggregateHistory for &[(u64, Event)] {
-    async fn read_through(self, checkpoint: u64) -> Result<Vec<(u64, Event)>, StoreError> {
-        Ok(self
-            .iter()
-            .filter(|(sequence, _)| *sequence <= checkpoint)
-            .cloned()
-            .collect())
     }
 }
 

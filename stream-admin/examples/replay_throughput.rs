@@ -7,8 +7,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use read_models::generation::{Generation, STUDENTS};
-use stream_admin::replay::{ReplayOptions, ReplayTarget, replay};
+use stream_admin::replay::{ReplayOptions, replay};
 
 #[tokio::main]
 async fn main() {
@@ -32,11 +31,7 @@ async fn main() {
         "live projection applied them in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    let target = ReplayTarget {
-        model: STUDENTS,
-        pool: live.db.pool.clone(),
-        next: live.students.generation(Generation::Next),
-    };
+    let target = live.students.clone();
     let options = ReplayOptions {
         force: false,
         keep_old: false,

@@ -21,7 +21,7 @@ use events::dead_letter_headers::{
 use events::{Event, StreamNames};
 use futures::StreamExt;
 use read_models::StoreError;
-use read_models::pg_students::AggregateHistory;
+use read_models::rebuild::{AggregateHistory, Rebuildable};
 use serde::Serialize;
 use uuid::Uuid;
 

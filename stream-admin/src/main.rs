@@ -7,7 +7,7 @@ use service_kit::nats::NatsArgs;
 use stream_admin::dlq::{self, ReadModels};
 use stream_admin::inspect::{self, TailFrom};
 use stream_admin::read_models::ReadModel;
-use stream_admin::replay::{self, ReplayOptions, ReplayTarget};
+use stream_admin::replay::{self, ReplayOptions};
 use stream_admin::status;
 
 #[derive(Debug, Parser)]
@@ -219,26 +219,8 @@ async fn main() -> anyhow::Result<()> {
             };
             let model = read_models.connect(projection).await?;
             let report = match model {
-                ReadModel::Students(live) => {
-                    let target = ReplayTarget {
-                        model: read_models::generation::STUDENTS,
-                        pool: live.pool().clone(),
-                        next: live.generation(read_models::generation::Generation::Next),
-                    };
-                    replay::replay(&client, names, target, options).await?
-                }
-                ReadModel::Courses(store) => {
-                    let live = store.postgres().context(
-                        "replay of a MongoDB course store is not implemented yet; \
-                         the Postgres course store (COURSES_STORE_URL=postgres://…) supports it",
-                    )?;
-                    let target = ReplayTarget {
-                        model: read_models::generation::COURSES,
-                        pool: live.pool().clone(),
-                        next: live.generation(read_models::generation::Generation::Next),
-                    };
-                    replay::replay(&client, names, target, options).await?
-                }
+                ReadModel::Students(live) => replay::replay(&client, names, live, options).await?,
+                ReadModel::Courses(live) => replay::replay(&client, names, live, options).await?,
             };
             if let Some(at) = report.resumed_at {
                 println!("resumed an interrupted replay at position {at}");
@@ -256,7 +238,7 @@ async fn main() -> anyhow::Result<()> {
                 report.switch.live,
                 report.switch.next,
                 if report.switch.kept_old {
-                    " (old model kept as <table>__old)"
+                    " (old model kept as <name>__old)"
                 } else {
                     ", old model dropped"
                 }

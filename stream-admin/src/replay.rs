@@ -1,6 +1,8 @@
-//! `replay <projection>`: rebuilds a read model from the first event into the next
-//! generation of its tables while the live one keeps serving, catches up to the live
-//! projection, verifies, and switches atomically (see `read_models::generation`).
+//! `replay <projection>`: rebuilds a read model from the first event into its next
+//! generation while the live one keeps serving, catches up to the live projection,
+//! verifies, and switches atomically, through the store's own port
+//! (`read_models::rebuild::Rebuildable`: tables renamed in one Postgres transaction, or a
+//! MongoDB collection renamed over the live one).
 //!
 //! Events are applied by the projection's own store code (`ProjectionStore::apply_batch`),
 //! read with an ephemeral ordered consumer on the projection's subjects. The next
@@ -15,8 +17,7 @@ use events::{Projection, StreamNames};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use read_models::ProjectionStore;
-use read_models::generation::{PgModel, SwitchError, SwitchReport};
-use sqlx::PgPool;
+use read_models::rebuild::{GenerationSwitch, Rebuildable, SwitchError, SwitchReport};
 
 /// Below this many events behind, the rest is applied while the live projection is paused.
 const PAUSE_GAP: u64 = 2_000;
@@ -53,62 +54,60 @@ impl ReplayReport {
     }
 }
 
-/// Everything replay needs for one Postgres-backed projection.
-pub struct ReplayTarget<S> {
-    pub model: PgModel,
-    pub pool: PgPool,
-    /// The projection's store writing the next generation.
-    pub next: S,
-}
-
-pub async fn replay<S: ProjectionStore>(
+/// Rebuilds `live`'s read model into its next generation and switches it in.
+pub async fn replay<S: Rebuildable>(
     client: &async_nats::Client,
     names: &StreamNames,
-    target: ReplayTarget<S>,
+    live: S,
     options: ReplayOptions,
 ) -> anyhow::Result<ReplayReport> {
-    let ReplayTarget { model, pool, next } = target;
     let started = Instant::now();
+    let next = live.next_generation();
     if options.restart {
-        model
-            .drop_next(&pool)
+        live.drop_next()
             .await
             .context("dropping the half-built model")?;
     }
-    let resumed = model
-        .prepare_next(&pool)
+    let resumed = live
+        .prepare_next()
         .await
-        .context("creating the next generation's tables")?;
+        .context("creating the next generation")?;
     let resumed_at = if resumed {
         Some(next.checkpoint().await?)
     } else {
         None
     };
-    let mut copier = Copier::new(client, names, model.projection, options)?;
+    let mut copier = Copier::new(client, names, live.projection(), options)?;
 
     // Bulk: follow the live checkpoint (never past it) until close behind.
     loop {
-        let live = model
-            .checkpoint(&pool, read_models::generation::Generation::Live)
-            .await?;
+        let target = live.checkpoint().await?;
         let done = next.checkpoint().await?;
-        copier.show_target(live);
-        if done + PAUSE_GAP >= live {
+        copier.show_target(target);
+        if done + PAUSE_GAP >= target {
             break;
         }
-        copier.copy(&next, done + 1, live).await?;
+        copier.copy(&next, done + 1, target).await?;
     }
     // The rest with the live projection paused at its checkpoint, then verify and switch.
-    let switch = model.begin_switch(&pool).await?;
-    let live = switch.live_checkpoint;
-    copier.show_target(live);
-    let done = next.checkpoint().await?;
-    if done < live {
-        copier.copy(&next, done + 1, live).await?;
+    let switch = live.begin_switch().await?;
+    let target = switch.live_checkpoint();
+    copier.show_target(target);
+    let caught_up = async {
+        let done = next.checkpoint().await?;
+        if done < target {
+            copier.copy(&next, done + 1, target).await?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(error) = caught_up {
+        switch.abort().await;
+        return Err(error);
     }
     copier.finish();
     let switched = switch
-        .finish(&pool, options.force, options.keep_old)
+        .finish(options.force, options.keep_old)
         .await
         .map_err(|error| match error {
             SwitchError::Mismatch { .. } => anyhow::anyhow!(

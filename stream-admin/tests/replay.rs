@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{Live, registered, school};
 use read_models::generation::{Generation, STUDENTS};
-use stream_admin::replay::{ReplayOptions, ReplayTarget, replay};
+use stream_admin::replay::{ReplayOptions, replay};
 use uuid::Uuid;
 
 const OPTIONS: ReplayOptions = ReplayOptions {
@@ -20,12 +20,8 @@ const OPTIONS: ReplayOptions = ReplayOptions {
     progress: false,
 };
 
-fn target(live: &Live) -> ReplayTarget<read_models::PgStudents> {
-    ReplayTarget {
-        model: STUDENTS,
-        pool: live.db.pool.clone(),
-        next: live.students.generation(Generation::Next),
-    }
+fn target(live: &Live) -> read_models::PgStudents {
+    live.students.clone()
 }
 
 /// query-api's REST router on the test database (no cache, no NATS).
@@ -305,11 +301,7 @@ async fn a_replay_before_the_live_projections_first_commit_serialises_with_its_f
         .expect("lock");
     let replaying = {
         let (client, names) = (broker.client.clone(), broker.names.clone());
-        let target = ReplayTarget {
-            model: STUDENTS,
-            pool: db.pool.clone(),
-            next: students.generation(Generation::Next),
-        };
+        let target = students.clone();
         tokio::spawn(async move { replay(&client, &names, target, OPTIONS).await })
     };
     test_support::eventually(30, "the switch to wait for the next tables", || async {
