@@ -79,7 +79,7 @@ The Secrets the chart generates with these values: one line each, "<Secret> (<ke
 - Secret {{ include "school.postgresql.fullname" . }} (keys: POSTGRES_PASSWORD, QUERY_PASSWORD, PROJECTOR_PASSWORD): or set postgresql.auth.existingSecret
 {{- end }}
 {{- if and .Values.mongodb.enabled (not .Values.mongodb.auth.existingSecret) }}
-- Secret {{ include "school.mongodb.fullname" . }} (key: MONGO_INITDB_ROOT_PASSWORD): or set mongodb.auth.existingSecret
+- Secret {{ include "school.mongodb.fullname" . }} (keys: MONGO_INITDB_ROOT_PASSWORD, QUERY_PASSWORD, PROJECTOR_PASSWORD): or set mongodb.auth.existingSecret
 {{- end }}
 {{- if and .Values.redis.enabled (not .Values.redis.auth.existingSecret) }}
 - Secret {{ include "school.redis.fullname" . }} (key: REDIS_PASSWORD): or set redis.auth.existingSecret
@@ -269,15 +269,17 @@ projectors as school_projector (no superuser; creates and owns the read models' 
     secretKeyRef: { name: {{ required "externalDatabases.existingSecret (with DATABASE_URL) is required when postgresql.enabled is false" $external }}, key: {{ ternary .Values.externalDatabases.queryDatabaseUrlKey .Values.externalDatabases.projectorDatabaseUrlKey $reader }} }
 {{- end }}
 {{- if .Values.mongodb.enabled }}
+{{- /* query-api logs in as school_query (read), the projectors as school_projector
+(readWrite), both on the school database only, where the init script made them. */}}
 - name: SCHOOL_MONGODB_PASSWORD
   valueFrom:
-    secretKeyRef: { name: {{ include "school.mongodb.secret" . }}, key: MONGO_INITDB_ROOT_PASSWORD }
+    secretKeyRef: { name: {{ include "school.mongodb.secret" . }}, key: {{ ternary "QUERY_PASSWORD" "PROJECTOR_PASSWORD" $reader }} }
 - name: COURSES_STORE_URL
-  value: "mongodb://root:$(SCHOOL_MONGODB_PASSWORD)@{{ include "school.mongodb.fullname" . }}:27017/{{ .Values.mongodb.database }}?authSource=admin"
+  value: "mongodb://{{ ternary "school_query" "school_projector" $reader }}:$(SCHOOL_MONGODB_PASSWORD)@{{ include "school.mongodb.fullname" . }}:27017/{{ .Values.mongodb.database }}?authSource={{ .Values.mongodb.database }}"
 {{- else if $external }}
 - name: COURSES_STORE_URL
   valueFrom:
-    secretKeyRef: { name: {{ $external }}, key: COURSES_STORE_URL, optional: true }
+    secretKeyRef: { name: {{ $external }}, key: {{ ternary .Values.externalDatabases.queryCoursesStoreUrlKey .Values.externalDatabases.projectorCoursesStoreUrlKey $reader }}, optional: true }
 {{- end }}
 {{- if .Values.redis.enabled }}
 - name: SCHOOL_REDIS_PASSWORD
