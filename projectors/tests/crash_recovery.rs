@@ -28,8 +28,7 @@ async fn sigkill_mid_batch_under_load_loses_and_doubles_nothing() {
 /// documents and the checkpoint there, so a kill between the two is the case to survive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_batch_with_courses_in_mongodb_loses_and_doubles_nothing() {
-    let Some(url) = test_support::mongo::mongo_url("the projectors SIGKILL test on MongoDB")
-    else {
+    let Some(url) = test_support::mongo::mongo_url("the projectors SIGKILL test on MongoDB") else {
         return;
     };
     sigkill_mid_batch_under_load(Some(url)).await;
