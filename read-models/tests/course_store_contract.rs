@@ -49,8 +49,8 @@ async fn all(store: &CourseStore) -> Vec<CourseDocument> {
     store.list(None, 100).await.expect("list")
 }
 
-/// The contract itself.
-async fn course_store_contract(store: CourseStore) {
+/// The contract itself. `reader` is the same store connected as query-api connects.
+async fn course_store_contract(store: CourseStore, reader: CourseStore) {
     assert_eq!(
         ProjectionStore::checkpoint(&store)
             .await
@@ -157,13 +157,32 @@ async fn course_store_contract(store: CourseStore) {
             .is_empty()
     );
     ProjectionStore::ping(&store).await.expect("ping");
+
+    // A reader serves what the writer wrote, and skips what it deleted.
+    assert_eq!(
+        reader.list(None, 100).await.expect("list"),
+        all(&store).await
+    );
+    assert_eq!(reader.get(gone).await.expect("get"), None);
+    assert_eq!(
+        reader.get_many(&[algebra, gone]).await.expect("get_many"),
+        vec![algebra_doc_now(&store, algebra).await]
+    );
+    ProjectionStore::ping(&reader).await.expect("ping");
+}
+
+async fn algebra_doc_now(store: &CourseStore, id: Uuid) -> CourseDocument {
+    store.get(id).await.expect("get").expect("exists")
 }
 
 #[tokio::test]
 async fn the_postgres_adapter_keeps_the_course_store_contract() {
     let db = TestDatabase::create().await;
     let store = CourseStore::connect(&db.url).await.expect("connect");
-    course_store_contract(store).await;
+    let reader = CourseStore::connect_reader(&db.url, None)
+        .await
+        .expect("connect");
+    course_store_contract(store, reader).await;
     db.cleanup().await;
 }
 
@@ -181,7 +200,10 @@ async fn the_mongodb_adapter_keeps_the_course_store_contract() {
     let store = CourseStore::connect(&url)
         .await
         .expect("connect to MONGODB_URL");
-    course_store_contract(store).await;
+    let reader = CourseStore::connect_reader(&url, None)
+        .await
+        .expect("connect to MONGODB_URL");
+    course_store_contract(store, reader).await;
 }
 
 /// `mongodb://host:port/?opts` with the database path set.
