@@ -7,6 +7,7 @@ use uuid::Uuid;
 use crate::course_document::CourseDocument;
 use crate::generation;
 use crate::mongo_courses::MongoCourses;
+use crate::mongo_generations::MongoSwitch;
 use crate::pg_courses::PgCourses;
 use crate::rebuild::{AggregateHistory, GenerationSwitch, Rebuildable, SwitchError, SwitchReport};
 use crate::store::{BatchOutcome, ProjectionStore, StoreError};
@@ -49,8 +50,12 @@ impl CourseStore {
                 };
                 Ok(CourseStore::Postgres(PgCourses::on_migrated_pool(pool)))
             }
-            // Index creation is idempotent and MongoDB roles are the operator's.
-            _ => Self::connect(url).await,
+            "mongodb" | "mongodb+srv" => {
+                Ok(CourseStore::Mongo(MongoCourses::connect_reader(url).await?))
+            }
+            other => anyhow::bail!(
+                "COURSES_STORE_URL has scheme {other:?}; expected postgres:// or mongodb://"
+            ),
         }
     }
 
@@ -80,30 +85,31 @@ impl CourseStore {
     }
 }
 
-const MONGO_NOT_YET: &str =
-    "replay and redrive are not implemented for the MongoDB course store yet";
-
 /// A switch in progress on whichever store is in use.
 pub enum CourseSwitch {
     Postgres(generation::Switch),
+    Mongo(MongoSwitch),
 }
 
 impl GenerationSwitch for CourseSwitch {
     fn live_checkpoint(&self) -> u64 {
         match self {
             CourseSwitch::Postgres(switch) => switch.live_checkpoint(),
+            CourseSwitch::Mongo(switch) => switch.live_checkpoint(),
         }
     }
 
     async fn finish(self, force: bool, keep_old: bool) -> Result<SwitchReport, SwitchError> {
         match self {
             CourseSwitch::Postgres(switch) => switch.finish(force, keep_old).await,
+            CourseSwitch::Mongo(switch) => switch.finish(force, keep_old).await,
         }
     }
 
     async fn abort(self) {
         match self {
             CourseSwitch::Postgres(switch) => switch.abort().await,
+            CourseSwitch::Mongo(switch) => switch.abort().await,
         }
     }
 }
@@ -114,28 +120,28 @@ impl Rebuildable for CourseStore {
     fn next_generation(&self) -> Self {
         match self {
             CourseStore::Postgres(store) => CourseStore::Postgres(store.next_generation()),
-            CourseStore::Mongo(store) => CourseStore::Mongo(store.clone()),
+            CourseStore::Mongo(store) => CourseStore::Mongo(store.next_generation()),
         }
     }
 
     async fn prepare_next(&self) -> Result<bool, StoreError> {
         match self {
             CourseStore::Postgres(store) => store.prepare_next().await,
-            CourseStore::Mongo(_) => Err(StoreError::Refused(MONGO_NOT_YET.into())),
+            CourseStore::Mongo(store) => store.prepare_next().await,
         }
     }
 
     async fn drop_next(&self) -> Result<(), StoreError> {
         match self {
             CourseStore::Postgres(store) => store.drop_next().await,
-            CourseStore::Mongo(_) => Err(StoreError::Refused(MONGO_NOT_YET.into())),
+            CourseStore::Mongo(store) => store.drop_next().await,
         }
     }
 
     async fn begin_switch(&self) -> Result<CourseSwitch, StoreError> {
         Ok(match self {
             CourseStore::Postgres(store) => CourseSwitch::Postgres(store.begin_switch().await?),
-            CourseStore::Mongo(_) => return Err(StoreError::Refused(MONGO_NOT_YET.into())),
+            CourseStore::Mongo(store) => CourseSwitch::Mongo(store.begin_switch().await?),
         })
     }
 
@@ -148,7 +154,7 @@ impl Rebuildable for CourseStore {
             CourseStore::Postgres(store) => {
                 Rebuildable::rebuild_aggregate(store, id, history).await
             }
-            CourseStore::Mongo(_) => Err(StoreError::Refused(MONGO_NOT_YET.into())),
+            CourseStore::Mongo(store) => Rebuildable::rebuild_aggregate(store, id, history).await,
         }
     }
 }

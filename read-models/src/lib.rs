@@ -8,6 +8,7 @@ pub mod course_document;
 pub mod course_store;
 pub mod generation;
 pub mod mongo_courses;
+pub mod mongo_generations;
 pub mod pg_courses;
 pub mod pg_student_reader;
 pub mod pg_students;

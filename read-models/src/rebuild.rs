@@ -103,8 +103,9 @@ pub trait GenerationSwitch: Send {
 }
 
 /// An aggregate's history as a rebuild reads it: only once the rebuild is serialised with
-/// the live projection, and up to its checkpoint.
-pub trait AggregateHistory: Send {
+/// the live projection, and up to its checkpoint. `Clone`: a rebuild that loses a race to the
+/// live projection (MongoDB) reads it again.
+pub trait AggregateHistory: Send + Clone {
     /// Every event of the aggregate's subject at or below `checkpoint`, in stream order.
     fn read_through(
         self,

@@ -181,6 +181,7 @@ fn aggregate_id(subject: &str) -> Option<Uuid> {
 }
 
 /// One aggregate's events in the stream, read when a rebuild asks (under its lock).
+#[derive(Clone, Copy)]
 struct StreamHistory<'a> {
     jetstream: &'a jetstream::Context,
     names: &'a StreamNames,
