@@ -81,7 +81,7 @@ enum Command {
         /// Switch even if the new model differs from the live one.
         #[arg(long)]
         force: bool,
-        /// Keep the old model as `<table>__old` after the switch.
+        /// Keep the old model as `<table>__old` (`<collection>__old` in MongoDB) after the switch.
         #[arg(long)]
         keep_old: bool,
         /// Throw away a half-built model from an interrupted run and start over.
