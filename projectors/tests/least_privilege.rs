@@ -8,6 +8,7 @@
 use events::{AggregateKind, Enrollment, Event, EventPayload, StudentDetails};
 use read_models::PgStudents;
 use read_models::generation::{Generation, STUDENTS};
+use read_models::rebuild::GenerationSwitch;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgPool};
 use test_support::{TestDatabase, unique_suffix};
@@ -130,7 +131,7 @@ async fn the_projector_role_migrates_projects_and_replays_and_may_do_nothing_els
         .await
         .expect("begin switch");
     switch
-        .finish(&as_projector, false, false)
+        .finish(false, false)
         .await
         .expect("the projector switches generations");
 
