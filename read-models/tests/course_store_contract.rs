@@ -188,15 +188,9 @@ async fn the_postgres_adapter_keeps_the_course_store_contract() {
 
 #[tokio::test]
 async fn the_mongodb_adapter_keeps_the_course_store_contract() {
-    let Ok(url) = std::env::var("MONGODB_URL") else {
-        eprintln!(
-            "SKIPPED the MongoDB course-store contract: MONGODB_URL is not set (no MongoDB \
-             server can be installed on this machine; set it to run the suite)"
-        );
+    let Some(url) = test_support::mongo::mongo_url("the MongoDB course-store contract") else {
         return;
     };
-    let database = format!("test_{}", test_support::unique_suffix());
-    let url = with_database(&url, &database);
     let store = CourseStore::connect(&url)
         .await
         .expect("connect to MONGODB_URL");
@@ -206,17 +200,3 @@ async fn the_mongodb_adapter_keeps_the_course_store_contract() {
     course_store_contract(store, reader).await;
 }
 
-/// `mongodb://host:port/?opts` with the database path set.
-fn with_database(url: &str, database: &str) -> String {
-    let (base, options) = url
-        .split_once('?')
-        .map_or((url, None), |(b, o)| (b, Some(o)));
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let host = base[scheme_end..]
-        .find('/')
-        .map_or(base, |i| &base[..scheme_end + i]);
-    match options {
-        Some(options) => format!("{host}/{database}?{options}"),
-        None => format!("{host}/{database}"),
-    }
-}
