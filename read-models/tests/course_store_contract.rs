@@ -199,4 +199,3 @@ async fn the_mongodb_adapter_keeps_the_course_store_contract() {
         .expect("connect to MONGODB_URL");
     course_store_contract(store, reader).await;
 }
-

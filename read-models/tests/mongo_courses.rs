@@ -23,7 +23,9 @@ impl TestMongo {
             .await
             .expect("connect to MONGODB_URL");
         Some(TestMongo {
-            database: client.default_database().expect("mongo_url names a database"),
+            database: client
+                .default_database()
+                .expect("mongo_url names a database"),
             url,
         })
     }
@@ -50,7 +52,6 @@ impl TestMongo {
         self.database.drop().await.expect("drop the test database");
     }
 }
-
 
 fn event(course: Uuid, payload: EventPayload) -> Event {
     test_support::event(AggregateKind::Course, course, payload)
