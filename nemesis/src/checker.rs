@@ -250,13 +250,21 @@ pub fn check_commands(commands: &[CommandRecord], events: &[Stored]) -> Vec<Stri
     violations
 }
 
-/// Every read made with a write's token reflected that write.
-pub fn check_reads(reads: &[ReadRecord]) -> Vec<String> {
+/// Every read made with a write's token reflected that write: it found the aggregate at
+/// the write's version or a newer one, or found it gone after a deletion. Other clients
+/// write the same aggregates, so "gone" is also right when the final stream deletes the
+/// aggregate after the write (another client's deletion may land before the read is
+/// served); it is stale only when no deletion followed.
+pub fn check_reads(reads: &[ReadRecord], fold: &Fold) -> Vec<String> {
+    let deleted_after = |target: &Target, version: u64| {
+        fold.deleted.contains(target) && fold.versions.get(target).is_some_and(|&at| at > version)
+    };
     reads
         .iter()
         .filter_map(|read| {
             let fine = match (&read.saw, read.must_see) {
                 (Ok(Some(seen)), Some(wanted)) => *seen >= wanted,
+                (Ok(None), Some(wanted)) => deleted_after(&read.target, wanted),
                 (Ok(None), None) => true,
                 _ => false,
             };
@@ -470,9 +478,40 @@ mod tests {
             must_see,
             saw,
         };
-        assert!(check_reads(&[read(Some(7), Ok(Some(7))), read(None, Ok(None))]).is_empty());
-        assert_eq!(check_reads(&[read(Some(7), Ok(Some(5)))]).len(), 1);
-        assert_eq!(check_reads(&[read(Some(7), Ok(None))]).len(), 1);
-        assert_eq!(check_reads(&[read(None, Ok(Some(9)))]).len(), 1);
+        let live = Fold::default();
+        assert!(check_reads(&[read(Some(7), Ok(Some(7))), read(None, Ok(None))], &live).is_empty());
+        assert_eq!(check_reads(&[read(Some(7), Ok(Some(5)))], &live).len(), 1);
+        assert_eq!(check_reads(&[read(Some(7), Ok(None))], &live).len(), 1);
+        assert_eq!(check_reads(&[read(None, Ok(Some(9)))], &live).len(), 1);
+    }
+
+    #[test]
+    fn gone_is_right_only_when_a_deletion_followed_the_write() {
+        let target = Target {
+            kind: AggregateKind::Student,
+            id: Uuid::now_v7(),
+        };
+        let read = ReadRecord {
+            target,
+            protocol: "grpc",
+            token: 8,
+            must_see: Some(7),
+            saw: Ok(None),
+        };
+        let deleted_at = |at| {
+            let mut fold = Fold::default();
+            fold.deleted.insert(target);
+            fold.versions.insert(target, at);
+            fold
+        };
+        // Another client deleted it at 9, after the write at 7.
+        assert!(check_reads(std::slice::from_ref(&read), &deleted_at(9)).is_empty());
+        // A deletion can only be the aggregate's last event: one at or before the write's
+        // version does not excuse the read.
+        assert_eq!(
+            check_reads(std::slice::from_ref(&read), &deleted_at(7)).len(),
+            1
+        );
+        assert_eq!(check_reads(&[read], &Fold::default()).len(), 1);
     }
 }

@@ -321,7 +321,7 @@ async fn the_production_shape_keeps_every_guarantee_under_a_nemesis() {
     let reads = history.reads.lock().expect("history").clone();
     let mut violations = fold.violations.clone();
     violations.extend(checker::check_commands(&commands, &events));
-    violations.extend(checker::check_reads(&reads));
+    violations.extend(checker::check_reads(&reads, &fold));
     let unknown_keyed: Vec<&CommandRecord> = commands
         .iter()
         .filter(|c| c.keyed && matches!(c.outcome, Outcome::Unknown { .. }))
@@ -355,8 +355,14 @@ async fn the_production_shape_keeps_every_guarantee_under_a_nemesis() {
     }
     eprintln!("refusals: {refusals:?}");
     let unknown = commands.len() - accepted - refused;
+    // Reads that found their aggregate deleted by another client in the meantime (allowed
+    // by the checker only when the stream holds that deletion after the write).
+    let gone_meanwhile = reads
+        .iter()
+        .filter(|r| r.must_see.is_some() && matches!(r.saw, Ok(None)))
+        .count();
     eprintln!(
-        "RELIABILITY: nemesis ({}) {:.0} s: {} commands ({accepted} accepted, {refused} refused by a rule, {unknown} unanswered unkeyed), {retried} retried after a 503 or no answer, {} reads with a token; {} events; faults {:?}; violations {}",
+        "RELIABILITY: nemesis ({}) {:.0} s: {} commands ({accepted} accepted, {refused} refused by a rule, {unknown} unanswered unkeyed), {retried} retried after a 503 or no answer, {} reads with a token ({gone_meanwhile} found it deleted meanwhile by another client); {} events; faults {:?}; violations {}",
         if long_version() { "long" } else { "short" },
         started.elapsed().as_secs_f64(),
         commands.len(),
