@@ -8,6 +8,7 @@ pub mod codec;
 pub mod decode_properties;
 pub mod model;
 pub mod names;
+pub mod personal;
 
 pub use codec::{DecodeError, decode, encode};
 pub use model::{
