@@ -160,6 +160,11 @@ impl StreamNames {
     pub fn projection_lease_bucket(&self) -> String {
         format!("{}-projection-leases", self.prefix)
     }
+
+    /// KV bucket of the students' wrapped data keys (crypto-shredding), one key per student.
+    pub fn student_keys_bucket(&self) -> String {
+        format!("{}-student-keys", self.prefix)
+    }
 }
 
 /// Headers a dead letter carries (written by the projectors, read by `stream-admin dlq`).

@@ -3,6 +3,7 @@
 //! the NATS connection and graceful shutdown. No domain knowledge lives here.
 
 pub mod auth;
+pub mod data_keys;
 pub mod health;
 pub mod http_metrics;
 pub mod json;

@@ -8,7 +8,7 @@ use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind};
 use async_nats::jetstream::{self, consumer, kv, stream};
 
-use crate::topology::{ConsumerSpec, Topology};
+use crate::topology::{BucketSpec, ConsumerSpec, Topology};
 
 /// What happened (or, in a dry run, would happen) to one broker object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -265,18 +265,28 @@ fn stream_diffs(current: &stream::Config, desired: &stream::Config) -> Vec<Strin
 
 async fn apply_bucket(
     jetstream: &jetstream::Context,
-    desired: &kv::Config,
+    spec: &BucketSpec,
     dry_run: bool,
 ) -> anyhow::Result<Change> {
+    let desired = &spec.config;
     let object = format!("kv bucket {}", desired.bucket);
     // A bucket is a stream named KV_<bucket>; reading that stream shows its settings.
     let backing = format!("KV_{}", desired.bucket);
     let Some(current) = existing_stream(jetstream, &backing).await? else {
         if !dry_run {
-            jetstream
-                .create_key_value(desired.clone())
-                .await
-                .with_context(|| format!("creating {object}"))?;
+            if spec.erasable {
+                jetstream
+                    .create_stream(erasable_bucket_stream(desired))
+                    .await
+                    .map(|_| ())
+                    .with_context(|| format!("creating {object}"))?;
+            } else {
+                jetstream
+                    .create_key_value(desired.clone())
+                    .await
+                    .map(|_| ())
+                    .with_context(|| format!("creating {object}"))?;
+            }
         }
         return Ok(Change {
             object,
@@ -299,6 +309,12 @@ async fn apply_bucket(
         &current.num_replicas,
         &desired.num_replicas,
     );
+    diff(
+        &mut diffs,
+        "deny_delete",
+        &current.deny_delete,
+        &!spec.erasable,
+    );
     if diffs.is_empty() {
         return Ok(Change {
             object,
@@ -314,16 +330,49 @@ async fn apply_bucket(
         destructive.push("a shorter history deletes older revisions".to_owned());
     }
     if !dry_run {
-        jetstream
-            .update_key_value(desired.clone())
-            .await
-            .with_context(|| format!("updating {object}"))?;
+        if spec.erasable {
+            // The server refuses to turn `deny_delete` off on an existing stream: a bucket
+            // made before it was erasable must be recreated (this error says so).
+            jetstream
+                .update_stream(erasable_bucket_stream(desired))
+                .await
+                .map(|_| ())
+                .with_context(|| format!("updating {object}"))?;
+        } else {
+            jetstream
+                .update_key_value(desired.clone())
+                .await
+                .map(|_| ())
+                .with_context(|| format!("updating {object}"))?;
+        }
     }
     Ok(Change {
         object,
         outcome: Outcome::Updated(diffs),
         destructive,
     })
+}
+
+/// The stream behind a KV bucket whose single messages may be erased: the layout every KV
+/// client expects (`$KV.<bucket>.>`, one message per key and revision, rollups for purges,
+/// direct gets, discard new), with `deny_delete` off, which `create_key_value` always sets
+/// and the server never lets an update turn off.
+fn erasable_bucket_stream(config: &kv::Config) -> stream::Config {
+    stream::Config {
+        name: format!("KV_{}", config.bucket),
+        description: Some(config.description.clone()),
+        subjects: vec![format!("$KV.{}.>", config.bucket)],
+        max_messages_per_subject: config.history.max(1),
+        max_age: config.max_age,
+        storage: config.storage,
+        num_replicas: config.num_replicas.max(1),
+        allow_rollup: true,
+        deny_delete: false,
+        deny_purge: false,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    }
 }
 
 async fn apply_consumer(

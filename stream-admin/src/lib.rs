@@ -11,4 +11,4 @@ pub mod status;
 pub mod topology;
 
 pub use apply::{ApplyOptions, Change, DestructiveChanges, Outcome, apply, summary};
-pub use topology::{Topology, desired};
+pub use topology::{BucketSpec, Topology, desired};

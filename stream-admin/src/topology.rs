@@ -23,12 +23,22 @@ pub struct ConsumerSpec {
     pub config: consumer::pull::Config,
 }
 
+/// A KV bucket, and whether single messages of it may be erased.
+#[derive(Debug, Clone)]
+pub struct BucketSpec {
+    pub config: kv::Config,
+    /// Turns the bucket stream's `deny_delete` (on for every KV bucket) off, so a message
+    /// can be erased: a purge alone leaves the purged value's bytes in the store's files,
+    /// and a destroyed data key must leave none.
+    pub erasable: bool,
+}
+
 /// Everything the system needs on the broker.
 #[derive(Debug, Clone)]
 pub struct Topology {
     pub streams: Vec<stream::Config>,
     pub consumers: Vec<ConsumerSpec>,
-    pub buckets: Vec<kv::Config>,
+    pub buckets: Vec<BucketSpec>,
 }
 
 /// The topology for one deployment; `replicas` is 1 locally and 3 in the chart.
@@ -109,6 +119,19 @@ pub fn desired(names: &StreamNames, replicas: usize) -> Topology {
     Topology {
         streams: vec![events, dead_letters],
         consumers,
-        buckets: vec![idempotency, leases],
+        buckets: vec![
+            BucketSpec {
+                config: idempotency,
+                erasable: false,
+            },
+            BucketSpec {
+                config: leases,
+                erasable: false,
+            },
+            BucketSpec {
+                config: service_kit::data_keys::bucket_config(names, replicas),
+                erasable: true,
+            },
+        ],
     }
 }

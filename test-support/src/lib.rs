@@ -133,6 +133,7 @@ pub async fn delete_topology(jetstream: &jetstream::Context, names: &StreamNames
         names.dead_letter_stream(),
         format!("KV_{}", names.idempotency_bucket()),
         format!("KV_{}", names.projection_lease_bucket()),
+        format!("KV_{}", names.student_keys_bucket()),
     ] {
         let _ = jetstream.delete_stream(stream).await;
     }
