@@ -8,11 +8,16 @@ use crate::model::{
     AggregateKind, CourseDetails, Enrollment, Event, EventMetadata, EventPayload, StudentDetails,
     TraceContext,
 };
+use crate::personal::{self, DataKey, OpenError};
 use crate::proto;
 use crate::proto::event_envelope::Payload;
 
-/// Schema version written by this build. Decoding accepts every version up to this one.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Newest schema version this build reads. Version 1: personal fields in the clear.
+/// Version 2: a student's personal fields sealed with its data key, and `StudentErased`.
+pub const SCHEMA_VERSION: u32 = 2;
+/// The version [`encode`] writes (no sealing); [`encode_sealed`] writes [`SEALED_VERSION`].
+pub const PLAINTEXT_VERSION: u32 = 1;
+pub const SEALED_VERSION: u32 = 2;
 
 /// Why bytes from the stream are not an event this build understands.
 #[derive(Debug, thiserror::Error)]
@@ -34,15 +39,59 @@ pub enum DecodeError {
         envelope: String,
         payload: &'static str,
     },
+    #[error("a version {version} {event_type} must {rule}")]
+    VersionMismatch {
+        version: u32,
+        event_type: &'static str,
+        rule: &'static str,
+    },
+    /// [`decode`] met a sealed event: read it with [`decode_sealed`] and the student's key.
+    #[error("the personal fields are sealed: read them with the student's data key")]
+    Sealed,
 }
 
-/// Encodes an event as one protobuf `EventEnvelope` at the current schema version.
+/// Encodes an event as one protobuf `EventEnvelope`, personal fields in the clear (schema
+/// version 1; `StudentErased`, which version 1 did not have, as version 2).
 pub fn encode(event: &Event) -> Vec<u8> {
+    let version = match event.payload {
+        EventPayload::StudentErased => SEALED_VERSION,
+        _ => PLAINTEXT_VERSION,
+    };
+    envelope(event, version, encode_payload(&event.payload)).encode_to_vec()
+}
+
+/// Encodes an event at schema version 2: a student's personal fields sealed with `key`,
+/// the student's data key, bound to this event's id and each field's name. Events without
+/// personal fields are written as by [`encode`], at version 2.
+pub fn encode_sealed(event: &Event, key: &DataKey) -> Vec<u8> {
+    let event_id = event.metadata.event_id;
+    let sealed = |d: &StudentDetails| proto::SealedStudentDetails {
+        name: personal::seal(key, event_id, "name", &d.name),
+        first_name: personal::seal(key, event_id, "first_name", &d.first_name),
+        last_name: personal::seal(key, event_id, "last_name", &d.last_name),
+    };
+    let payload = match &event.payload {
+        EventPayload::StudentRegistered(d) => {
+            Payload::StudentRegistered(proto::StudentRegistered {
+                sealed: Some(sealed(d)),
+                ..Default::default()
+            })
+        }
+        EventPayload::StudentUpdated(d) => Payload::StudentUpdated(proto::StudentUpdated {
+            sealed: Some(sealed(d)),
+            ..Default::default()
+        }),
+        other => encode_payload(other),
+    };
+    envelope(event, SEALED_VERSION, payload).encode_to_vec()
+}
+
+fn envelope(event: &Event, version: u32, payload: Payload) -> proto::EventEnvelope {
     let meta = &event.metadata;
-    let envelope = proto::EventEnvelope {
+    proto::EventEnvelope {
         event_id: meta.event_id.to_string(),
         event_type: event.payload.event_type().to_owned(),
-        schema_version: SCHEMA_VERSION,
+        schema_version: version,
         aggregate_type: meta.aggregate_kind.as_str().to_owned(),
         aggregate_id: meta.aggregate_id.to_string(),
         occurred_at: Some(prost_types::Timestamp {
@@ -55,9 +104,8 @@ pub fn encode(event: &Event) -> Vec<u8> {
             traceparent: meta.trace.traceparent.clone(),
             tracestate: meta.trace.tracestate.clone(),
         }),
-        payload: Some(encode_payload(&event.payload)),
-    };
-    envelope.encode_to_vec()
+        payload: Some(payload),
+    }
 }
 
 fn encode_payload(payload: &EventPayload) -> Payload {
@@ -67,12 +115,14 @@ fn encode_payload(payload: &EventPayload) -> Payload {
                 name: d.name.clone(),
                 first_name: d.first_name.clone(),
                 last_name: d.last_name.clone(),
+                sealed: None,
             })
         }
         EventPayload::StudentUpdated(d) => Payload::StudentUpdated(proto::StudentUpdated {
             name: d.name.clone(),
             first_name: d.first_name.clone(),
             last_name: d.last_name.clone(),
+            sealed: None,
         }),
         EventPayload::StudentDeleted => Payload::StudentDeleted(proto::StudentDeleted {}),
         EventPayload::CourseCreated(d) => Payload::CourseCreated(proto::CourseCreated {
@@ -98,27 +148,107 @@ fn encode_payload(payload: &EventPayload) -> Payload {
                 course_id: e.course_id.to_string(),
             })
         }
+        EventPayload::StudentErased => Payload::StudentErased(proto::StudentErased {}),
     }
 }
 
-/// Decodes one message from the event stream, whatever schema version wrote it.
+/// What the stream holds, decoded as far as it can be without a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decoded {
+    /// Nothing sealed: every field is here.
+    Plain(Event),
+    /// A version 2 student registration or update, its personal fields sealed.
+    Sealed(SealedEvent),
+}
+
+/// A student event whose personal fields wait for the student's data key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedEvent {
+    metadata: EventMetadata,
+    updated: bool,
+    fields: [Vec<u8>; 3],
+}
+
+/// Field names, in the order of [`SealedEvent::fields`] (also the associated data).
+const SEALED_FIELDS: [&str; 3] = ["name", "first_name", "last_name"];
+
+impl SealedEvent {
+    pub fn metadata(&self) -> &EventMetadata {
+        &self.metadata
+    }
+
+    /// The student whose data key opens it.
+    pub fn student(&self) -> Uuid {
+        self.metadata.aggregate_id
+    }
+
+    pub fn event_type(&self) -> &'static str {
+        if self.updated {
+            "StudentUpdated"
+        } else {
+            "StudentRegistered"
+        }
+    }
+
+    /// The event with its fields, opened with the student's data key.
+    pub fn open(self, key: &DataKey) -> Result<Event, OpenError> {
+        let event_id = self.metadata.event_id;
+        let [name, first_name, last_name] = &self.fields;
+        let open = |field: usize, sealed: &[u8]| {
+            personal::open(key, event_id, SEALED_FIELDS[field], sealed)
+        };
+        let details = StudentDetails {
+            name: open(0, name)?,
+            first_name: open(1, first_name)?,
+            last_name: open(2, last_name)?,
+        };
+        Ok(self.with(details))
+    }
+
+    /// The event once its key is destroyed: the same event, every personal field empty.
+    /// Consumers apply it as they apply any registration or update (the student is deleted
+    /// before it is erased, so no read model keeps it); tools show it as erased.
+    pub fn erased(self) -> Event {
+        self.with(StudentDetails {
+            name: String::new(),
+            first_name: String::new(),
+            last_name: String::new(),
+        })
+    }
+
+    fn with(self, details: StudentDetails) -> Event {
+        let payload = if self.updated {
+            EventPayload::StudentUpdated(details)
+        } else {
+            EventPayload::StudentRegistered(details)
+        };
+        Event {
+            metadata: self.metadata,
+            payload,
+        }
+    }
+}
+
+/// Decodes one message from the event stream written without sealing (schema version 1, or
+/// any event without personal fields); a sealed event is [`DecodeError::Sealed`].
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    match decode_sealed(bytes)? {
+        Decoded::Plain(event) => Ok(event),
+        Decoded::Sealed(_) => Err(DecodeError::Sealed),
+    }
+}
+
+/// Decodes one message from the event stream, whatever schema version wrote it, leaving
+/// sealed personal fields for the student's data key.
+pub fn decode_sealed(bytes: &[u8]) -> Result<Decoded, DecodeError> {
     let envelope = proto::EventEnvelope::decode(bytes)?;
-    if envelope.schema_version == 0 || envelope.schema_version > SCHEMA_VERSION {
-        return Err(DecodeError::UnsupportedSchemaVersion(
-            envelope.schema_version,
-        ));
+    let version = envelope.schema_version;
+    if version == 0 || version > SCHEMA_VERSION {
+        return Err(DecodeError::UnsupportedSchemaVersion(version));
     }
     let payload = envelope
         .payload
         .ok_or(DecodeError::MissingField("payload"))?;
-    let payload = decode_payload(payload)?;
-    if envelope.event_type != payload.event_type() {
-        return Err(DecodeError::EventTypeMismatch {
-            envelope: envelope.event_type,
-            payload: payload.event_type(),
-        });
-    }
     let occurred_at = envelope
         .occurred_at
         .ok_or(DecodeError::MissingField("occurred_at"))?;
@@ -140,7 +270,72 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             tracestate: trace.tracestate,
         },
     };
-    Ok(Event { metadata, payload })
+    let mismatch = |payload: &'static str| DecodeError::EventTypeMismatch {
+        envelope: envelope.event_type.clone(),
+        payload,
+    };
+    let sealed = |updated: bool, sealed: Option<proto::SealedStudentDetails>, clear: bool| {
+        let event_type = if updated {
+            "StudentUpdated"
+        } else {
+            "StudentRegistered"
+        };
+        if envelope.event_type != event_type {
+            return Err(mismatch(event_type));
+        }
+        match (version, sealed) {
+            (SEALED_VERSION, Some(s)) if clear => Ok(Decoded::Sealed(SealedEvent {
+                metadata: metadata.clone(),
+                updated,
+                fields: [s.name, s.first_name, s.last_name],
+            })),
+            (SEALED_VERSION, _) => Err(DecodeError::VersionMismatch {
+                version,
+                event_type,
+                rule: "carry its personal fields sealed, and only sealed",
+            }),
+            (_, Some(_)) => Err(DecodeError::VersionMismatch {
+                version,
+                event_type,
+                rule: "not carry sealed fields",
+            }),
+            (_, None) => Err(DecodeError::MissingField("sealed")),
+        }
+    };
+    let payload = match payload {
+        Payload::StudentRegistered(p) if version >= SEALED_VERSION => {
+            let clear = p.name.is_empty() && p.first_name.is_empty() && p.last_name.is_empty();
+            return sealed(false, p.sealed, clear);
+        }
+        Payload::StudentUpdated(p) if version >= SEALED_VERSION => {
+            let clear = p.name.is_empty() && p.first_name.is_empty() && p.last_name.is_empty();
+            return sealed(true, p.sealed, clear);
+        }
+        Payload::StudentRegistered(proto::StudentRegistered {
+            sealed: Some(_), ..
+        })
+        | Payload::StudentUpdated(proto::StudentUpdated {
+            sealed: Some(_), ..
+        }) => {
+            return Err(DecodeError::VersionMismatch {
+                version,
+                event_type: "StudentRegistered or StudentUpdated",
+                rule: "not carry sealed fields",
+            });
+        }
+        Payload::StudentErased(_) if version < SEALED_VERSION => {
+            return Err(DecodeError::VersionMismatch {
+                version,
+                event_type: "StudentErased",
+                rule: "not exist (it came with version 2)",
+            });
+        }
+        payload => decode_payload(payload)?,
+    };
+    if envelope.event_type != payload.event_type() {
+        return Err(mismatch(payload.event_type()));
+    }
+    Ok(Decoded::Plain(Event { metadata, payload }))
 }
 
 fn decode_payload(payload: Payload) -> Result<EventPayload, DecodeError> {
@@ -177,6 +372,7 @@ fn decode_payload(payload: Payload) -> Result<EventPayload, DecodeError> {
             student_id: parse_uuid("student_id", &p.student_id)?,
             course_id: parse_uuid("course_id", &p.course_id)?,
         }),
+        Payload::StudentErased(_) => EventPayload::StudentErased,
     })
 }
 
@@ -272,6 +468,92 @@ mod tests {
         envelope.event_type = "CourseDeleted".into();
         assert!(matches!(
             decode(&envelope.encode_to_vec()),
+            Err(DecodeError::EventTypeMismatch { .. })
+        ));
+    }
+
+    fn student_event(payload: EventPayload) -> Event {
+        Event {
+            metadata: metadata(AggregateKind::Student),
+            payload,
+        }
+    }
+
+    fn ada() -> StudentDetails {
+        StudentDetails {
+            name: "Ada L".into(),
+            first_name: "Ada".into(),
+            last_name: "Lovelace".into(),
+        }
+    }
+
+    #[test]
+    fn a_sealed_student_event_opens_only_with_its_key_and_never_shows_the_names() {
+        let key = DataKey::generate();
+        for payload in [
+            EventPayload::StudentRegistered(ada()),
+            EventPayload::StudentUpdated(ada()),
+        ] {
+            let event = student_event(payload);
+            let bytes = encode_sealed(&event, &key);
+            assert!(!bytes.windows(8).any(|w| w == b"Lovelace"), "in the clear");
+            let Ok(Decoded::Sealed(sealed)) = decode_sealed(&bytes) else {
+                panic!("not sealed");
+            };
+            assert_eq!(sealed.clone().open(&key), Ok(event));
+            assert!(sealed.open(&DataKey::generate()).is_err());
+            assert!(matches!(decode(&bytes), Err(DecodeError::Sealed)));
+        }
+        // Nothing personal to seal: the same event as without a key, at version 2.
+        let deleted = student_event(EventPayload::StudentDeleted);
+        assert_eq!(
+            decode_sealed(&encode_sealed(&deleted, &key)).ok(),
+            Some(Decoded::Plain(deleted))
+        );
+        let erased = student_event(EventPayload::StudentErased);
+        assert_eq!(decode(&encode(&erased)).ok(), Some(erased));
+    }
+
+    #[test]
+    fn each_version_carries_the_names_its_own_way_only() {
+        let key = DataKey::generate();
+        let event = student_event(EventPayload::StudentRegistered(ada()));
+        let sealed = proto::EventEnvelope::decode(&encode_sealed(&event, &key)[..]).expect("ok");
+        let clear = proto::EventEnvelope::decode(&encode(&event)[..]).expect("ok");
+
+        // Version 2 with the names in the clear as well, or without the sealed ones.
+        let mut both = sealed.clone();
+        if let Some(Payload::StudentRegistered(p)) = &mut both.payload {
+            p.last_name = "Lovelace".into();
+        }
+        let mut unsealed = clear.clone();
+        unsealed.schema_version = SEALED_VERSION;
+        // Version 1 carrying sealed fields, or an erasure (which version 1 did not have).
+        let mut early_seal = sealed.clone();
+        early_seal.schema_version = PLAINTEXT_VERSION;
+        let mut early_erasure =
+            proto::EventEnvelope::decode(&encode(&student_event(EventPayload::StudentErased))[..])
+                .expect("ok");
+        early_erasure.schema_version = PLAINTEXT_VERSION;
+        for (what, envelope) in [
+            ("v2 with clear names", both),
+            ("v2 without sealed names", unsealed),
+            ("v1 with sealed names", early_seal),
+            ("v1 erasure", early_erasure),
+        ] {
+            assert!(
+                matches!(
+                    decode_sealed(&envelope.encode_to_vec()),
+                    Err(DecodeError::VersionMismatch { .. })
+                ),
+                "{what} was accepted"
+            );
+        }
+        // A sealed registration whose type says otherwise.
+        let mut renamed = sealed;
+        renamed.event_type = "StudentUpdated".into();
+        assert!(matches!(
+            decode_sealed(&renamed.encode_to_vec()),
             Err(DecodeError::EventTypeMismatch { .. })
         ));
     }

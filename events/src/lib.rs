@@ -10,7 +10,7 @@ pub mod model;
 pub mod names;
 pub mod personal;
 
-pub use codec::{DecodeError, decode, encode};
+pub use codec::{DecodeError, Decoded, SealedEvent, decode, decode_sealed, encode, encode_sealed};
 pub use model::{
     AggregateKind, CourseDetails, Enrollment, Event, EventMetadata, EventPayload, StudentDetails,
     TraceContext,

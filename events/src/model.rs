@@ -88,6 +88,9 @@ pub enum EventPayload {
     CourseDeleted,
     StudentEnrolled(Enrollment),
     StudentUnenrolled(Enrollment),
+    /// The student's data key was destroyed, after its deletion: every sealed personal
+    /// field of it is unreadable for good. Carries nothing personal.
+    StudentErased,
 }
 
 impl EventPayload {
@@ -102,6 +105,7 @@ impl EventPayload {
             EventPayload::CourseDeleted => "CourseDeleted",
             EventPayload::StudentEnrolled(_) => "StudentEnrolled",
             EventPayload::StudentUnenrolled(_) => "StudentUnenrolled",
+            EventPayload::StudentErased => "StudentErased",
         }
     }
 }

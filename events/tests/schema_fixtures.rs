@@ -8,9 +8,10 @@
 use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
+use events::personal::{DataKey, KEY_LEN};
 use events::{
-    AggregateKind, CourseDetails, Enrollment, Event, EventMetadata, EventPayload, StudentDetails,
-    TraceContext, decode, encode,
+    AggregateKind, CourseDetails, Decoded, Enrollment, Event, EventMetadata, EventPayload,
+    StudentDetails, TraceContext, decode, decode_sealed, encode, encode_sealed,
 };
 use uuid::Uuid;
 
@@ -150,5 +151,112 @@ fn there_is_a_v1_fixture_for_every_event_type() {
         "StudentUnenrolled",
     ] {
         assert!(names.contains(&event_type), "no fixture for {event_type}");
+    }
+}
+
+/// The data key of the v2 fixtures' student, committed next to them (hex, 32 bytes).
+fn v2_student_key() -> DataKey {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v2/student-data-key.hex");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{} is missing: {e}", path.display()));
+    let digits = text.trim().as_bytes();
+    assert_eq!(
+        digits.len(),
+        2 * KEY_LEN,
+        "{}: not 64 hex digits",
+        path.display()
+    );
+    let mut key = [0u8; KEY_LEN];
+    for (byte, pair) in key.iter_mut().zip(digits.chunks_exact(2)) {
+        let pair = std::str::from_utf8(pair).expect("ascii");
+        *byte = u8::from_str_radix(pair, 16).expect("hex digit");
+    }
+    DataKey::from_bytes(key)
+}
+
+/// Version 2 changed the student events only: the registration and the update seal their
+/// personal fields, and the erasure is new. Same ids and times as v1 (new event ids).
+fn expected_v2_events() -> Vec<(&'static str, Event)> {
+    let v1 = expected_v1_events();
+    let pick = |name: &str| {
+        v1.iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, e)| e.clone())
+            .expect("a v1 event")
+    };
+    let renumbered = |mut event: Event, n: u128| {
+        event.metadata.event_id = Uuid::from_u128(0x0193a1c2_0000_7000_8000_0000000000b0 + n);
+        event
+    };
+    let mut erased = pick("student_deleted");
+    erased.payload = EventPayload::StudentErased;
+    vec![
+        (
+            "student_registered",
+            renumbered(pick("student_registered"), 1),
+        ),
+        ("student_updated", renumbered(pick("student_updated"), 2)),
+        ("student_erased", renumbered(erased, 3)),
+    ]
+}
+
+#[test]
+fn every_v2_fixture_opens_with_its_students_key_and_reads_as_erased_without_it() {
+    let writing = std::env::var_os("WRITE_EVENT_FIXTURES").is_some();
+    let key = v2_student_key();
+    for (name, expected) in expected_v2_events() {
+        let path = fixture_path("v2", name);
+        if writing && !path.exists() {
+            std::fs::write(&path, encode_sealed(&expected, &key)).expect("write fixture");
+        }
+        let bytes = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("fixture {} is missing: {e}", path.display()));
+        for plaintext in ["Ada L", "Lovelace"] {
+            assert!(
+                !bytes
+                    .windows(plaintext.len())
+                    .any(|w| w == plaintext.as_bytes()),
+                "{name}: {plaintext:?} is in the clear"
+            );
+        }
+        match decode_sealed(&bytes).unwrap_or_else(|e| panic!("{name}: {e}")) {
+            Decoded::Plain(event) => {
+                assert_eq!(event, expected, "fixture {name} decoded differently");
+                assert_eq!(decode(&bytes).ok(), Some(expected), "{name} without a key");
+            }
+            Decoded::Sealed(sealed) => {
+                assert_eq!(sealed.student(), expected.metadata.aggregate_id, "{name}");
+                assert_eq!(sealed.event_type(), expected.payload.event_type(), "{name}");
+                let opened = sealed
+                    .clone()
+                    .open(&key)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+                assert_eq!(opened, expected, "fixture {name} opened differently");
+                assert!(sealed.clone().open(&DataKey::generate()).is_err(), "{name}");
+                let erased = sealed.erased();
+                assert_eq!(erased.metadata, expected.metadata, "{name}");
+                assert!(
+                    matches!(&erased.payload,
+                        EventPayload::StudentRegistered(d) | EventPayload::StudentUpdated(d)
+                            if d.name.is_empty() && d.first_name.is_empty() && d.last_name.is_empty()),
+                    "{name}: erased still holds {:?}",
+                    erased.payload
+                );
+                assert!(decode(&bytes).is_err(), "{name}: decoded without its key");
+            }
+        }
+    }
+}
+
+#[test]
+fn v1_fixtures_read_the_same_through_the_sealed_path() {
+    for (name, expected) in expected_v1_events() {
+        let bytes = std::fs::read(fixture_path("v1", name)).expect("fixture");
+        assert_eq!(
+            decode_sealed(&bytes).ok(),
+            Some(Decoded::Plain(expected)),
+            "{name}"
+        );
     }
 }

@@ -100,6 +100,12 @@ pub fn fold(events: &[Stored]) -> Fold {
                 rows.remove(&target.id);
                 fold.deleted.insert(target);
             }
+            // The workload erases nobody; an erasure must follow its student's deletion.
+            EventPayload::StudentErased => {
+                if exists || !deleted {
+                    misfit = Some("an erasure of no deleted student");
+                }
+            }
             EventPayload::StudentEnrolled(e) | EventPayload::StudentUnenrolled(e) => {
                 let other = match target.kind {
                     AggregateKind::Student => e.course_id,

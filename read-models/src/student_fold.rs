@@ -78,7 +78,8 @@ impl Touched {
                     row.updated_at = at;
                 }
             }
-            EventPayload::StudentDeleted => {
+            // An erasure follows the deletion; should the student still be here, it goes.
+            EventPayload::StudentDeleted | EventPayload::StudentErased => {
                 if self.current.take().is_some() {
                     self.replaced = true;
                 }

@@ -88,7 +88,8 @@ pub fn evolve(state: StudentState, event: &EventPayload) -> StudentState {
             student.details = details.clone();
             StudentState::Active(student)
         }
-        (_, EventPayload::StudentDeleted) => StudentState::Deleted,
+        // An erasure follows the deletion and changes nothing the gateway decides on.
+        (_, EventPayload::StudentDeleted | EventPayload::StudentErased) => StudentState::Deleted,
         (StudentState::Active(mut student), EventPayload::StudentEnrolled(e)) => {
             student.course_ids.insert(e.course_id);
             StudentState::Active(student)
