@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod data_keys;
+pub mod event_reader;
 pub mod health;
 pub mod http_metrics;
 pub mod json;

@@ -5,16 +5,30 @@ use async_nats::jetstream::{self, consumer};
 use events::StreamNames;
 use futures::StreamExt;
 use serde_json::{Value, json};
+use service_kit::event_reader::{EventReader, Personal};
 
-/// One stored event as JSON: its stream position and subject, and the decoded event (or
-/// why it does not decode).
-pub fn describe(sequence: u64, subject: &str, published: &str, payload: &[u8]) -> Value {
-    match events::decode(payload) {
-        Ok(event) => json!({
+/// One stored event as JSON: its stream position and subject, and the event read through
+/// the one reading path (or why it cannot be read). `personal_data` says whether a
+/// student's fields were stored in the clear, opened with its data key, or erased (then
+/// they are empty: the key that opened them is destroyed).
+pub async fn describe(
+    reader: &EventReader,
+    sequence: u64,
+    subject: &str,
+    published: &str,
+    payload: &[u8],
+) -> Value {
+    match reader.read(payload).await {
+        Ok(read) => json!({
             "sequence": sequence,
             "subject": subject,
             "published_at": published,
-            "event": event,
+            "personal_data": match read.personal {
+                Personal::Clear => "clear",
+                Personal::Opened => "opened",
+                Personal::Erased => "erased",
+            },
+            "event": read.event,
         }),
         Err(error) => json!({
             "sequence": sequence,
@@ -30,6 +44,7 @@ pub fn describe(sequence: u64, subject: &str, published: &str, payload: &[u8]) -
 pub async fn get(
     jetstream: &jetstream::Context,
     names: &StreamNames,
+    reader: &EventReader,
     sequence: u64,
 ) -> anyhow::Result<Value> {
     let stream = jetstream
@@ -41,11 +56,13 @@ pub async fn get(
         .await
         .with_context(|| format!("no event at position {sequence}"))?;
     Ok(describe(
+        reader,
         sequence,
         message.subject.as_str(),
         &message.time.to_string(),
         &message.payload,
-    ))
+    )
+    .await)
 }
 
 /// Where `tail` starts.
@@ -64,6 +81,7 @@ pub enum TailFrom {
 pub async fn tail(
     jetstream: &jetstream::Context,
     names: &StreamNames,
+    reader: &EventReader,
     subject: Option<String>,
     from: TailFrom,
     count: Option<u64>,
@@ -96,12 +114,16 @@ pub async fn tail(
         };
         let message = message?;
         let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-        emit(describe(
-            info.stream_sequence,
-            message.subject.as_str(),
-            &info.published.to_string(),
-            &message.payload,
-        ));
+        emit(
+            describe(
+                reader,
+                info.stream_sequence,
+                message.subject.as_str(),
+                &info.published.to_string(),
+                &message.payload,
+            )
+            .await,
+        );
         printed += 1;
     }
     Ok(())

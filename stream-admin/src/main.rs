@@ -21,6 +21,10 @@ struct Cli {
     /// Prefix of every stream, subject and bucket name.
     #[arg(long, env = "STREAM_PREFIX", default_value = "school", global = true)]
     stream_prefix: StreamNames,
+    /// File of key-encryption keys (lines `<id>:<64 hex digits>`) that open the students'
+    /// data keys: `events` shows sealed names with it; without it they are not shown.
+    #[arg(long, env = "KEK_FILE", global = true)]
+    kek_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -245,28 +249,50 @@ async fn main() -> anyhow::Result<()> {
             );
         }
         Command::Dlq { command } => dlq_command(&client, &jetstream, names, command).await?,
-        Command::Events { command } => match command {
-            EventsCommand::Get { sequence } => {
-                let event = inspect::get(&jetstream, names, sequence).await?;
-                println!("{}", serde_json::to_string_pretty(&event)?);
-            }
-            EventsCommand::Tail {
-                subject,
-                last,
-                from_start,
-                count,
-            } => {
-                let from = match (last, from_start) {
-                    (Some(n), _) => TailFrom::Last(n),
-                    (None, true) => TailFrom::Start,
-                    (None, false) => TailFrom::New,
-                };
-                inspect::tail(&jetstream, names, subject, from, count, |event| {
-                    println!("{event}");
-                })
-                .await?;
-            }
-        },
+        Command::Events { command } => {
+            let reader = match &cli.kek_file {
+                Some(path) => {
+                    let ring = service_kit::event_reader::load_kek_ring(Some(path))?;
+                    let keys = service_kit::data_keys::DataKeys::bind(&jetstream, names, ring)
+                        .await
+                        .context("the students' data-key bucket")?;
+                    service_kit::event_reader::EventReader::new(keys)
+                }
+                None => service_kit::event_reader::EventReader::without_keys(),
+            };
+            events_command(&jetstream, names, &reader, command).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn events_command(
+    jetstream: &async_nats::jetstream::Context,
+    names: &StreamNames,
+    reader: &service_kit::event_reader::EventReader,
+    command: EventsCommand,
+) -> anyhow::Result<()> {
+    match command {
+        EventsCommand::Get { sequence } => {
+            let event = inspect::get(jetstream, names, reader, sequence).await?;
+            println!("{}", serde_json::to_string_pretty(&event)?);
+        }
+        EventsCommand::Tail {
+            subject,
+            last,
+            from_start,
+            count,
+        } => {
+            let from = match (last, from_start) {
+                (Some(n), _) => TailFrom::Last(n),
+                (None, true) => TailFrom::Start,
+                (None, false) => TailFrom::New,
+            };
+            inspect::tail(jetstream, names, reader, subject, from, count, |event| {
+                println!("{event}");
+            })
+            .await?;
+        }
     }
     Ok(())
 }

@@ -5,11 +5,12 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use events::personal::{DataKey, KekRing, open, seal};
 use service_kit::data_keys::{DataKeyError, DataKeys, KeyLookup, RewrapReport};
 use test_support::unique_suffix;
-use test_support::{NatsServer, NatsStop};
+use test_support::{NatsCluster, NatsClusterOptions, NatsServer, NatsStop};
 use uuid::Uuid;
 
 const KEK_OLD: &str = "old:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
@@ -204,4 +205,126 @@ async fn a_kek_rotation_rewraps_every_key_and_they_still_open_old_fields() {
             KeyLookup::Missing => panic!("student {n} lost its key in the rotation"),
         }
     }
+}
+
+/// Every replica of an R3 bucket holds the key, in its stream files and in its Raft log; a
+/// destroyed key must be gone from the stream files of all of them at once. The Raft logs
+/// (`_js_/`) keep the append until the group's next snapshot compacts them (nats-server
+/// checks every 2 to 3 minutes): with `FAULTS_LONG=1` the test waits for that too.
+#[tokio::test]
+async fn on_a_three_node_cluster_a_destroyed_key_is_on_no_nodes_disk() {
+    if NatsCluster::skip_if_unavailable() {
+        return;
+    }
+    let cluster = NatsCluster::start(NatsClusterOptions::default()).await;
+    let broker = cluster.broker().await;
+    let keys = DataKeys::bind(&broker.jetstream, &broker.names, ring(KEK_OLD))
+        .await
+        .expect("bind");
+    let student = Uuid::now_v7();
+    keys.key_for_registration(student).await.expect("made");
+    let wrapped = stored_bytes(&broker.jetstream, &broker.names, student).await;
+    // (files in stream stores, files in Raft logs) that hold the wrapped key.
+    let on_disk = || {
+        let hits: Vec<String> = (0..cluster.node_count())
+            .flat_map(|i| files_containing(cluster.store_dir(i), &wrapped))
+            .collect();
+        let in_raft = hits.iter().filter(|path| path.contains("/_js_/")).count();
+        (hits.len() - in_raft, in_raft)
+    };
+    // Replication reaches the followers' files shortly after the ack.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while on_disk().0 < cluster.node_count() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        on_disk().0 >= cluster.node_count(),
+        "the wrapped key is not in every node's stream files before the erasure: the search cannot fail"
+    );
+
+    keys.destroy(student).await.expect("destroyed");
+    let erased_at = Instant::now();
+    assert!(matches!(keys.lookup(student).await, Ok(KeyLookup::Erased)));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while on_disk().0 > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (in_streams, in_raft) = on_disk();
+    assert_eq!(in_streams, 0, "the destroyed key is still in stream files");
+    eprintln!("right after the erasure: {in_raft} Raft log files still hold the wrapped key");
+    if std::env::var_os("FAULTS_LONG").is_none() {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while on_disk().1 > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let (_, in_raft) = on_disk();
+    eprintln!(
+        "DATA KEYS: Raft logs held the destroyed key for {:.0} s ({in_raft} files left)",
+        erased_at.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        in_raft, 0,
+        "the Raft logs keep the destroyed key past a compaction"
+    );
+}
+
+/// The one reading path: a sealed event opens with its student's key while the key lives,
+/// reads as erased (no names) once it is destroyed, and waits (transient) for a key not
+/// visible yet; a plaintext v1 event reads as before.
+#[tokio::test]
+async fn the_event_reader_opens_sealed_names_until_the_erasure_and_never_after() {
+    use service_kit::event_reader::{EventReader, Personal, ReadError};
+    let broker = test_support::TestBroker::start().await;
+    let keys = DataKeys::bind(&broker.jetstream, &broker.names, ring(KEK_OLD))
+        .await
+        .expect("bind");
+    let reader = EventReader::new(keys.clone());
+    let student = Uuid::now_v7();
+    let details = events::StudentDetails {
+        name: "Zebulon Q".into(),
+        first_name: "Zebulon".into(),
+        last_name: "Quixotic".into(),
+    };
+    let registered = test_support::event(
+        events::AggregateKind::Student,
+        student,
+        events::EventPayload::StudentRegistered(details.clone()),
+    );
+    let key = keys.key_for_registration(student).await.expect("made");
+    let sealed = events::encode_sealed(&registered, &key);
+
+    let read = reader.read(&sealed).await.expect("opens");
+    assert_eq!(read.personal, Personal::Opened);
+    assert_eq!(read.event, registered);
+    let plain = reader.read(&events::encode(&registered)).await.expect("v1");
+    assert_eq!(plain.personal, Personal::Clear);
+
+    keys.destroy(student).await.expect("destroyed");
+    let read = reader.read(&sealed).await.expect("reads as erased");
+    assert_eq!(read.personal, Personal::Erased);
+    assert_eq!(read.event.metadata, registered.metadata);
+    let shown = format!("{:?}", read.event);
+    assert!(
+        !shown.contains("Zebulon") && !shown.contains("Quixotic"),
+        "{shown}"
+    );
+
+    let unknown = Uuid::now_v7();
+    let orphan = test_support::event(
+        events::AggregateKind::Student,
+        unknown,
+        events::EventPayload::StudentRegistered(details),
+    );
+    let error = reader
+        .read(&events::encode_sealed(&orphan, &DataKey::generate()))
+        .await
+        .expect_err("no key yet");
+    assert!(
+        matches!(error, ReadError::KeyMissing(id) if id == unknown),
+        "{error}"
+    );
+    assert!(error.is_transient());
+    broker.cleanup().await;
 }

@@ -3,9 +3,69 @@
 mod common;
 
 use common::{Live, registered, renamed};
+use service_kit::event_reader::EventReader;
 use stream_admin::inspect::{self, TailFrom};
 use stream_admin::read_models::ReadModel;
 use uuid::Uuid;
+
+/// `events get` on sealed names: shown with the student's key, never after its erasure,
+/// and with a key-less reader an error that names the reason, not the names.
+#[tokio::test]
+async fn events_get_shows_sealed_names_until_the_erasure_and_then_says_erased() {
+    let live = Live::start().await;
+    let ring = std::sync::Arc::new(
+        events::personal::KekRing::parse(
+            "k1:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
+        )
+        .expect("kek"),
+    );
+    let keys =
+        service_kit::data_keys::DataKeys::bind(&live.broker.jetstream, &live.broker.names, ring)
+            .await
+            .expect("bucket");
+    let ada = Uuid::now_v7();
+    let key = keys.key_for_registration(ada).await.expect("key");
+    let event = registered(ada, "Zebulon Quixotic");
+    let subject = live
+        .broker
+        .names
+        .aggregate_subject(events::AggregateKind::Student, ada);
+    let at = live
+        .broker
+        .jetstream
+        .publish(subject, events::encode_sealed(&event, &key).into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack")
+        .sequence;
+    let reader = EventReader::new(keys.clone());
+    let get = |reader: EventReader| {
+        let live = &live;
+        async move {
+            inspect::get(&live.broker.jetstream, &live.broker.names, &reader, at)
+                .await
+                .expect("get")
+        }
+    };
+
+    let opened = get(reader.clone()).await;
+    assert_eq!(opened["personal_data"], "opened", "{opened}");
+    assert_eq!(
+        opened["event"]["payload"]["data"]["name"],
+        "Zebulon Quixotic"
+    );
+    let keyless = get(EventReader::without_keys()).await;
+    assert!(keyless["undecodable"].is_string(), "{keyless}");
+    assert!(!keyless.to_string().contains("Zebulon"), "{keyless}");
+
+    keys.destroy(ada).await.expect("erased");
+    let erased = get(reader).await;
+    assert_eq!(erased["personal_data"], "erased", "{erased}");
+    assert_eq!(erased["event"]["payload"]["type"], "StudentRegistered");
+    assert!(!erased.to_string().contains("Zebulon"), "{erased}");
+    live.cleanup().await;
+}
 
 #[tokio::test]
 async fn status_reports_streams_applied_positions_lag_and_dead_letters() {
@@ -64,15 +124,17 @@ async fn events_are_decoded_to_json_by_position_and_by_tail() {
         .await
         .expect("ack");
 
-    let got = inspect::get(&live.broker.jetstream, &live.broker.names, first)
+    let reader = EventReader::without_keys();
+    let got = inspect::get(&live.broker.jetstream, &live.broker.names, &reader, first)
         .await
         .expect("get");
     assert_eq!(got["sequence"], first);
     assert_eq!(got["subject"], subject);
     assert_eq!(got["event"]["payload"]["type"], "StudentRegistered");
     assert_eq!(got["event"]["payload"]["data"]["name"], "Ada L", "{got}");
+    assert_eq!(got["personal_data"], "clear", "{got}");
     assert!(
-        inspect::get(&live.broker.jetstream, &live.broker.names, 999)
+        inspect::get(&live.broker.jetstream, &live.broker.names, &reader, 999)
             .await
             .is_err()
     );
@@ -81,6 +143,7 @@ async fn events_are_decoded_to_json_by_position_and_by_tail() {
     inspect::tail(
         &live.broker.jetstream,
         &live.broker.names,
+        &reader,
         None,
         TailFrom::Last(2),
         Some(2),

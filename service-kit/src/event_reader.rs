@@ -1,0 +1,184 @@
+//! The one way to read an event from the stream: decoded whatever schema version wrote it,
+//! a student's sealed personal fields opened with its data key, or read as erased once the
+//! key is destroyed (see `events::personal` and [`crate::data_keys`]).
+//!
+//! No data key is cached: an erasure in one process must stop every other process from
+//! opening that student's fields at once, so each sealed event asks the bucket.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use events::personal::KekRing;
+use events::{DecodeError, Decoded, Event};
+use uuid::Uuid;
+
+use crate::data_keys::{DataKeyError, DataKeys, KeyLookup};
+
+/// What happened to an event's personal fields on the way in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Personal {
+    /// Stored in the clear (schema version 1) or none in this event.
+    Clear,
+    /// Sealed, and opened with the student's data key.
+    Opened,
+    /// Sealed, and the key is destroyed: the fields are empty for good.
+    Erased,
+}
+
+#[derive(Debug)]
+pub struct ReadEvent {
+    pub event: Event,
+    pub personal: Personal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Undecodable(#[from] DecodeError),
+    #[error("the personal fields are sealed and this reader was given no data keys")]
+    NoKeys,
+    /// The key is written before any event sealed with it, so this passes (a lagging
+    /// replica, or an erasure between destroying the key and marking it).
+    #[error("student {0} has no data key (yet)")]
+    KeyMissing(Uuid),
+    #[error(transparent)]
+    Keys(#[from] DataKeyError),
+    #[error("event {event} does not open with student {student}'s data key: {reason}")]
+    Rejected {
+        event: Uuid,
+        student: Uuid,
+        reason: String,
+    },
+}
+
+impl ReadError {
+    /// Whether reading again later may succeed (the broker or the bucket was out of reach,
+    /// or the key is not visible yet); otherwise the bytes or the configuration are wrong.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ReadError::KeyMissing(_) | ReadError::Keys(DataKeyError::Broker(_))
+        )
+    }
+}
+
+#[derive(Clone)]
+pub struct EventReader {
+    keys: Option<DataKeys>,
+}
+
+impl EventReader {
+    pub fn new(keys: DataKeys) -> Self {
+        EventReader { keys: Some(keys) }
+    }
+
+    /// A reader for streams that hold no sealed event (tests, tools on version 1 streams):
+    /// a sealed event is [`ReadError::NoKeys`].
+    pub fn without_keys() -> Self {
+        EventReader { keys: None }
+    }
+
+    pub async fn read(&self, bytes: &[u8]) -> Result<ReadEvent, ReadError> {
+        let sealed = match events::decode_sealed(bytes)? {
+            Decoded::Plain(event) => {
+                return Ok(ReadEvent {
+                    event,
+                    personal: Personal::Clear,
+                });
+            }
+            Decoded::Sealed(sealed) => sealed,
+        };
+        let keys = self.keys.as_ref().ok_or(ReadError::NoKeys)?;
+        let student = sealed.student();
+        match keys.lookup(student).await? {
+            KeyLookup::Key(key) => {
+                let event = sealed.metadata().event_id;
+                let opened = sealed.open(&key).map_err(|error| ReadError::Rejected {
+                    event,
+                    student,
+                    reason: error.to_string(),
+                })?;
+                Ok(ReadEvent {
+                    event: opened,
+                    personal: Personal::Opened,
+                })
+            }
+            KeyLookup::Erased => Ok(ReadEvent {
+                event: sealed.erased(),
+                personal: Personal::Erased,
+            }),
+            KeyLookup::Missing => Err(ReadError::KeyMissing(student)),
+        }
+    }
+}
+
+/// The key-encryption keys from the file `KEK_FILE` names (a mounted Secret in the chart):
+/// lines `<id>:<64 hex digits>`, the first one wrapping new keys. A service that handles
+/// personal data does not start without it.
+pub fn load_kek_ring(path: Option<&Path>) -> anyhow::Result<Arc<KekRing>> {
+    let path = path.context(
+        "KEK_FILE is not set: it names the file of key-encryption keys (lines `<id>:<64 hex \
+         digits>`, the first wraps new keys) that protect the students' data keys",
+    )?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("KEK_FILE {}: cannot be read", path.display()))?;
+    let ring = KekRing::parse(&text).with_context(|| format!("KEK_FILE {}", path.display()))?;
+    Ok(Arc::new(ring))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_or_bad_kek_file_says_what_to_do() {
+        let error = load_kek_ring(None).expect_err("no file").to_string();
+        assert!(error.contains("KEK_FILE is not set"), "{error}");
+        let missing = std::env::temp_dir().join(format!("no-such-kek-{}", Uuid::now_v7()));
+        let error = format!("{:#}", load_kek_ring(Some(&missing)).expect_err("missing"));
+        assert!(error.contains("cannot be read"), "{error}");
+        let bad = std::env::temp_dir().join(format!("bad-kek-{}", Uuid::now_v7()));
+        std::fs::write(&bad, "k1:abc\n").expect("write");
+        let error = format!("{:#}", load_kek_ring(Some(&bad)).expect_err("bad"));
+        assert!(error.contains("line 1"), "{error}");
+        // The key itself never appears in an error.
+        let good = "k1:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+        std::fs::write(&bad, format!("{good}\n{good}\n")).expect("write");
+        let error = format!("{:#}", load_kek_ring(Some(&bad)).expect_err("twice"));
+        assert!(!error.contains("0001020304"), "{error}");
+        std::fs::write(&bad, format!("{good}\n")).expect("write");
+        assert_eq!(load_kek_ring(Some(&bad)).expect("good").current_id(), "k1");
+        let _ = std::fs::remove_file(&bad);
+    }
+
+    #[tokio::test]
+    async fn a_reader_without_keys_reads_plain_events_and_refuses_sealed_ones() {
+        let event = Event {
+            metadata: events::EventMetadata {
+                event_id: Uuid::now_v7(),
+                aggregate_kind: events::AggregateKind::Student,
+                aggregate_id: Uuid::now_v7(),
+                occurred_at: chrono::Utc::now(),
+                correlation_id: Uuid::now_v7(),
+                causation_id: Uuid::now_v7(),
+                trace: events::TraceContext::default(),
+            },
+            payload: events::EventPayload::StudentRegistered(events::StudentDetails {
+                name: "Ada L".into(),
+                first_name: "Ada".into(),
+                last_name: "Lovelace".into(),
+            }),
+        };
+        let reader = EventReader::without_keys();
+        let plain = reader.read(&events::encode(&event)).await.expect("plain");
+        assert_eq!(
+            (plain.event, plain.personal),
+            (event.clone(), Personal::Clear)
+        );
+        let sealed = events::encode_sealed(&event, &events::personal::DataKey::generate());
+        let error = reader.read(&sealed).await.expect_err("sealed");
+        assert!(matches!(error, ReadError::NoKeys), "{error}");
+        assert!(!error.is_transient());
+    }
+}
