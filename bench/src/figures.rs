@@ -192,6 +192,7 @@ pub const PROJECTOR_BATCH: usize = 1000;
 fn spawn_projection(world: &World, store: PgStudents) -> tokio::sync::watch::Sender<bool> {
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let runner = ProjectionRunner {
+        reader: service_kit::event_reader::EventReader::without_keys(),
         jetstream: world.broker.jetstream.clone(),
         names: world.broker.names.clone(),
         store,

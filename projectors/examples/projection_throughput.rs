@@ -43,6 +43,7 @@ async fn publish_all(broker: &TestBroker, events: Vec<Event>) -> u64 {
 async fn measure<S: ProjectionStore>(broker: &TestBroker, store: S, events: usize, last: u64) {
     let name = store.projection().as_str();
     let runner = ProjectionRunner {
+        reader: service_kit::event_reader::EventReader::without_keys(),
         jetstream: broker.jetstream.clone(),
         names: broker.names.clone(),
         store: store.clone(),

@@ -41,6 +41,11 @@ pub struct Config {
     /// back without waiting for them to expire.
     #[arg(long, env = "PROJECTOR_REPLICA_NAME")]
     pub projector_replica_name: Option<String>,
+    /// File of key-encryption keys (lines `<id>:<64 hex digits>`) that open the students'
+    /// data keys, for events whose personal fields are sealed. Without it a sealed event
+    /// stops the students projection (logged) until the file is given.
+    #[arg(long, env = "KEK_FILE")]
+    pub kek_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub nats: NatsArgs,
 }

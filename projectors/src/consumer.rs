@@ -20,6 +20,7 @@ use events::{AggregateKind, Event, EventPayload, Projection, StreamNames};
 use futures::{FutureExt, StreamExt};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
+use service_kit::event_reader::{EventReader, ReadError};
 use service_kit::metrics;
 use service_kit::trace::SpanContext;
 
@@ -45,6 +46,8 @@ const BATCH_FILL_WAIT: Duration = Duration::from_millis(20);
 
 /// Everything one projection's loop needs.
 pub struct ProjectionRunner<S> {
+    /// Opens sealed personal fields (or reads them as erased): the one reading path.
+    pub reader: EventReader,
     pub jetstream: jetstream::Context,
     pub names: StreamNames,
     pub store: S,
@@ -846,7 +849,22 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         let mut decoded: Vec<(u64, Event)> = Vec::with_capacity(delivered.len());
         for (sequence, index, outcome) in outcomes {
             let message = &batch[index].message;
-            match outcome.unwrap_or_else(|| events::decode(&message.payload)) {
+            let read = match outcome.unwrap_or_else(|| events::decode_sealed(&message.payload)) {
+                Ok(events::Decoded::Plain(event)) => Ok(event),
+                Ok(sealed) => match self.reader.open(sealed).await {
+                    Ok(read) => Ok(read.event),
+                    // The key not visible yet, the bucket out of reach, or no KEK given:
+                    // the batch is not applied and comes again from the checkpoint.
+                    Err(error) if error.is_transient() || matches!(error, ReadError::NoKeys) => {
+                        return Err(SubscriptionEnd::Failed(anyhow::anyhow!(
+                            "event {sequence} cannot be opened yet: {error}"
+                        )));
+                    }
+                    Err(error) => Err(error.to_string()),
+                },
+                Err(error) => Err(error.to_string()),
+            };
+            match read {
                 Ok(event) => decoded.push((sequence, event)),
                 Err(error) => {
                     dead_letters
@@ -1072,7 +1090,7 @@ fn more_pending(batch: &[Delivered]) -> bool {
         .is_some_and(|position| position.pending > 0)
 }
 
-type Decoded = Result<Event, events::DecodeError>;
+type Decoded = Result<events::Decoded, events::DecodeError>;
 
 /// A delivered message with its event, decoded as it arrived: while the batch before it
 /// was being applied, when it arrived then.
@@ -1104,7 +1122,7 @@ impl Delivered {
                 pending: info.pending,
             })
             .map_err(|e| e.to_string());
-        let event = Some(events::decode(&message.payload));
+        let event = Some(events::decode_sealed(&message.payload));
         Delivered {
             message,
             position,

@@ -69,7 +69,21 @@ async fn main() -> anyhow::Result<()> {
             config.projection_lease_ms,
         ))
     };
+    let reader = match &config.kek_file {
+        Some(path) => service_kit::event_reader::EventReader::lazy(
+            jetstream.clone(),
+            config.stream_prefix.clone(),
+            service_kit::event_reader::load_kek_ring(Some(path))?,
+        ),
+        None => {
+            tracing::warn!(
+                "KEK_FILE is not set: events with sealed personal fields cannot be applied"
+            );
+            service_kit::event_reader::EventReader::without_keys()
+        }
+    };
     let students_runner = ProjectionRunner {
+        reader: reader.clone(),
         jetstream: jetstream.clone(),
         names: config.stream_prefix.clone(),
         store: students,
@@ -79,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
         lease: lease.clone(),
     };
     let courses_runner = ProjectionRunner {
+        reader,
         jetstream,
         names: config.stream_prefix.clone(),
         store: courses,

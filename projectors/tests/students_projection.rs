@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use projectors::{ProjectionProgress, ProjectionRunner};
 use read_models::{PgStudents, ProjectionStore};
+use service_kit::data_keys::DataKeys;
+use service_kit::event_reader::EventReader;
 use test_support::{TestBroker, TestDatabase, eventually};
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -214,7 +216,16 @@ struct RunningProjection {
 }
 
 fn start_projection<S: ProjectionStore>(broker: &TestBroker, store: &S) -> RunningProjection {
+    start_projection_reading(broker, store, EventReader::without_keys())
+}
+
+fn start_projection_reading<S: ProjectionStore>(
+    broker: &TestBroker,
+    store: &S,
+    reader: EventReader,
+) -> RunningProjection {
     let runner = ProjectionRunner {
+        reader,
         jetstream: broker.jetstream.clone(),
         names: broker.names.clone(),
         store: store.clone(),
@@ -535,4 +546,68 @@ async fn an_event_the_read_model_keeps_refusing_is_dead_lettered_and_the_rest_ap
     );
     db.cleanup().await;
     broker.cleanup().await;
+}
+
+/// Sealed names (schema version 2) go through the one reading path: a projector without
+/// the KEK applies nothing and dead-letters nothing (it waits for its configuration); with
+/// it, the names are opened into the read model. A sealed value that does not open with the
+/// student's key is dead-lettered like any undecodable event.
+#[tokio::test]
+async fn sealed_names_are_opened_with_the_students_key_and_wait_without_it() {
+    let broker = TestBroker::start().await;
+    let db = TestDatabase::create().await;
+    let store = PgStudents::with_pool(db.pool.clone())
+        .await
+        .expect("migrated");
+    let ring = Arc::new(
+        events::personal::KekRing::parse(
+            "k1:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
+        )
+        .expect("kek"),
+    );
+    let keys = DataKeys::bind(&broker.jetstream, &broker.names, ring)
+        .await
+        .expect("bucket");
+    let (ada, grace) = (Uuid::now_v7(), Uuid::now_v7());
+    let ada_key = keys.key_for_registration(ada).await.expect("key");
+    keys.key_for_registration(grace).await.expect("key");
+    publish(
+        &broker,
+        ada,
+        events::encode_sealed(&registered(ada, "Zebulon Q"), &ada_key).into(),
+    )
+    .await;
+
+    let keyless = start_projection(&broker, &store);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(student_count(&store).await, 0, "applied without its key");
+    assert_eq!(
+        broker.dead_letter_count().await,
+        0,
+        "dead-lettered for a missing KEK"
+    );
+    keyless.stop().await;
+
+    let running = start_projection_reading(&broker, &store, EventReader::new(keys.clone()));
+    let names = eventually(20, "the sealed registration to be applied", || async {
+        let rows = snapshot(&store).await;
+        (!rows.is_empty()).then(|| rows.into_iter().map(|r| r.1).collect::<Vec<_>>())
+    })
+    .await;
+    assert_eq!(names, vec!["Zebulon Q".to_owned()]);
+
+    // Grace's event sealed with Ada's key: it never opens.
+    publish(
+        &broker,
+        grace,
+        events::encode_sealed(&registered(grace, "Grace H"), &ada_key).into(),
+    )
+    .await;
+    eventually(20, "the unopenable event to be dead-lettered", || async {
+        (broker.dead_letter_count().await == 1).then_some(())
+    })
+    .await;
+    running.stop().await;
+    broker.cleanup().await;
+    db.cleanup().await;
 }

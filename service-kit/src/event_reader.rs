@@ -65,22 +65,72 @@ impl ReadError {
 
 #[derive(Clone)]
 pub struct EventReader {
-    keys: Option<DataKeys>,
+    keys: Keys,
+}
+
+#[derive(Clone)]
+enum Keys {
+    None,
+    Bound(Box<DataKeys>),
+    /// Bound at the first sealed event: a service starts before `stream-admin apply` made
+    /// the bucket, and waits instead of exiting (a missing bucket reads as transient).
+    Lazy(Arc<LazyKeys>),
+}
+
+struct LazyKeys {
+    jetstream: async_nats::jetstream::Context,
+    names: events::StreamNames,
+    ring: Arc<KekRing>,
+    bound: tokio::sync::OnceCell<DataKeys>,
 }
 
 impl EventReader {
     pub fn new(keys: DataKeys) -> Self {
-        EventReader { keys: Some(keys) }
+        EventReader {
+            keys: Keys::Bound(Box::new(keys)),
+        }
+    }
+
+    /// A reader whose data-key bucket is opened when the first sealed event needs it.
+    pub fn lazy(
+        jetstream: async_nats::jetstream::Context,
+        names: events::StreamNames,
+        ring: Arc<KekRing>,
+    ) -> Self {
+        EventReader {
+            keys: Keys::Lazy(Arc::new(LazyKeys {
+                jetstream,
+                names,
+                ring,
+                bound: tokio::sync::OnceCell::new(),
+            })),
+        }
     }
 
     /// A reader for streams that hold no sealed event (tests, tools on version 1 streams):
     /// a sealed event is [`ReadError::NoKeys`].
     pub fn without_keys() -> Self {
-        EventReader { keys: None }
+        EventReader { keys: Keys::None }
+    }
+
+    async fn keys(&self) -> Result<&DataKeys, ReadError> {
+        match &self.keys {
+            Keys::None => Err(ReadError::NoKeys),
+            Keys::Bound(keys) => Ok(keys),
+            Keys::Lazy(lazy) => Ok(lazy
+                .bound
+                .get_or_try_init(|| DataKeys::bind(&lazy.jetstream, &lazy.names, lazy.ring.clone()))
+                .await?),
+        }
     }
 
     pub async fn read(&self, bytes: &[u8]) -> Result<ReadEvent, ReadError> {
-        let sealed = match events::decode_sealed(bytes)? {
+        self.open(events::decode_sealed(bytes)?).await
+    }
+
+    /// Opens what [`events::decode_sealed`] gave (for callers that decode ahead).
+    pub async fn open(&self, decoded: Decoded) -> Result<ReadEvent, ReadError> {
+        let sealed = match decoded {
             Decoded::Plain(event) => {
                 return Ok(ReadEvent {
                     event,
@@ -89,7 +139,7 @@ impl EventReader {
             }
             Decoded::Sealed(sealed) => sealed,
         };
-        let keys = self.keys.as_ref().ok_or(ReadError::NoKeys)?;
+        let keys = self.keys().await?;
         let student = sealed.student();
         match keys.lookup(student).await? {
             KeyLookup::Key(key) => {

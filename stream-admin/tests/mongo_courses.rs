@@ -88,6 +88,7 @@ impl Live {
             .expect("MongoDB course store");
         let (stop, stopped) = watch::channel(false);
         let runner = ProjectionRunner {
+            reader: service_kit::event_reader::EventReader::without_keys(),
             jetstream: broker.jetstream.clone(),
             names: broker.names.clone(),
             store: store.clone(),

@@ -122,6 +122,7 @@ impl TestSystem {
             };
             tokio::spawn(
                 ProjectionRunner {
+                    reader: service_kit::event_reader::EventReader::without_keys(),
                     jetstream: broker.jetstream.clone(),
                     names: broker.names.clone(),
                     store: students,
@@ -134,6 +135,7 @@ impl TestSystem {
             );
             tokio::spawn(
                 ProjectionRunner {
+                    reader: service_kit::event_reader::EventReader::without_keys(),
                     jetstream: broker.jetstream.clone(),
                     names: broker.names.clone(),
                     store: courses.clone(),

@@ -29,6 +29,7 @@ impl Live {
             .expect("migrated");
         let (stop, stopped) = watch::channel(false);
         let runner = ProjectionRunner {
+            reader: service_kit::event_reader::EventReader::without_keys(),
             jetstream: broker.jetstream.clone(),
             names: broker.names.clone(),
             store: students.clone(),
