@@ -458,9 +458,15 @@ pub async fn full_replay(events: usize) -> anyhow::Result<Run> {
         progress: false,
     };
     let cpu = world::own_cpu_seconds();
-    let report = replay(&world.broker.client, &world.broker.names, target, options)
-        .await
-        .context("replay")?;
+    let report = replay(
+        &world.broker.client,
+        &world.broker.names,
+        &service_kit::event_reader::EventReader::without_keys(),
+        target,
+        options,
+    )
+    .await
+    .context("replay")?;
     let cpu = world::own_cpu_seconds() - cpu;
     reader_stop.store(true, Ordering::Relaxed);
     reader.await?;

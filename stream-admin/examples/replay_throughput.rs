@@ -39,9 +39,15 @@ async fn main() {
         batch_size: 1000,
         progress: false,
     };
-    let report = replay(&live.broker.client, &live.broker.names, target, options)
-        .await
-        .expect("replay");
+    let report = replay(
+        &live.broker.client,
+        &live.broker.names,
+        &service_kit::event_reader::EventReader::without_keys(),
+        target,
+        options,
+    )
+    .await
+    .expect("replay");
     println!(
         "replay: {} events in {:.1} s = {:.0} events/s; verified {}",
         report.applied,

@@ -23,6 +23,7 @@ use futures::StreamExt;
 use read_models::StoreError;
 use read_models::rebuild::{AggregateHistory, Rebuildable};
 use serde::Serialize;
+use service_kit::event_reader::EventReader;
 use uuid::Uuid;
 
 use crate::read_models::ReadModel;
@@ -91,9 +92,13 @@ fn dead_letter(sequence: u64, message: &StreamMessage) -> DeadLetter {
         original_sequence: header(ORIGINAL_SEQUENCE_HEADER).parse().ok(),
         original_subject: header(ORIGINAL_SUBJECT_HEADER),
         reason: header(REASON_HEADER),
-        event_type: events::decode(&message.payload)
+        // Sealed or not, the type is readable without a key.
+        event_type: events::decode_sealed(&message.payload)
             .ok()
-            .map(|event| event.payload.event_type().to_owned()),
+            .map(|decoded| match decoded {
+                events::Decoded::Plain(event) => event.payload.event_type().to_owned(),
+                events::Decoded::Sealed(sealed) => sealed.event_type().to_owned(),
+            }),
     }
 }
 
@@ -107,10 +112,12 @@ pub struct Redriven {
 }
 
 /// Rebuilds the aggregate of each letter in `sequences` in its live read model and deletes
-/// the letter. Stops at the first letter that still fails.
+/// the letter. Stops at the first letter that still fails. The aggregate's history is read
+/// through `reader`, the one reading path (sealed names opened, or empty once erased).
 pub async fn redrive(
     client: &async_nats::Client,
     names: &StreamNames,
+    reader: &EventReader,
     models: &ReadModels,
     sequences: &[u64],
 ) -> anyhow::Result<Vec<Redriven>> {
@@ -136,6 +143,7 @@ pub async fn redrive(
         let history = StreamHistory {
             jetstream: &jetstream,
             names,
+            reader,
             subject: &letter.original_subject,
         };
         let rebuilt = match model {
@@ -185,12 +193,20 @@ fn aggregate_id(subject: &str) -> Option<Uuid> {
 struct StreamHistory<'a> {
     jetstream: &'a jetstream::Context,
     names: &'a StreamNames,
+    reader: &'a EventReader,
     subject: &'a str,
 }
 
 impl AggregateHistory for StreamHistory<'_> {
     async fn read_through(self, checkpoint: u64) -> Result<Vec<(u64, Event)>, StoreError> {
-        history(self.jetstream, self.names, self.subject, checkpoint).await
+        history(
+            self.jetstream,
+            self.names,
+            self.reader,
+            self.subject,
+            checkpoint,
+        )
+        .await
     }
 }
 
@@ -200,6 +216,7 @@ impl AggregateHistory for StreamHistory<'_> {
 async fn history(
     jetstream: &jetstream::Context,
     names: &StreamNames,
+    reader: &EventReader,
     subject: &str,
     through: u64,
 ) -> Result<Vec<(u64, Event)>, StoreError> {
@@ -236,11 +253,19 @@ async fn history(
         if sequence > through {
             break;
         }
-        let event = events::decode(&message.payload).map_err(|e| {
-            StoreError::Refused(format!(
-                "event {sequence} on {subject} does not decode: {e}"
-            ))
-        })?;
+        let event = match reader.read(&message.payload).await {
+            Ok(read) => read.event,
+            Err(e) if e.is_transient() => {
+                return Err(StoreError::Unavailable(format!(
+                    "event {sequence} on {subject}: {e}"
+                )));
+            }
+            Err(e) => {
+                return Err(StoreError::Refused(format!(
+                    "event {sequence} on {subject} cannot be read: {e}"
+                )));
+            }
+        };
         history.push((sequence, event));
         if sequence >= last {
             break;

@@ -3,6 +3,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use events::{Projection, StreamNames};
+use service_kit::event_reader::EventReader;
 use service_kit::nats::NatsArgs;
 use stream_admin::dlq::{self, ReadModels};
 use stream_admin::inspect::{self, TailFrom};
@@ -188,6 +189,17 @@ async fn main() -> anyhow::Result<()> {
     let client = cli.nats.connect("stream-admin").await?;
     let jetstream = async_nats::jetstream::new(client.clone());
     let names = &cli.stream_prefix;
+    // The one reading path for replay, redrive and `events`: with KEK_FILE sealed names are
+    // opened (the data-key bucket is opened at the first sealed event), without it a sealed
+    // event cannot be read.
+    let reader = match &cli.kek_file {
+        Some(path) => EventReader::lazy(
+            jetstream.clone(),
+            names.clone(),
+            service_kit::event_reader::load_kek_ring(Some(path))?,
+        ),
+        None => EventReader::without_keys(),
+    };
     match cli.command {
         Command::Apply { .. } => unreachable!("handled above"),
         Command::Status { json, read_models } => {
@@ -223,8 +235,12 @@ async fn main() -> anyhow::Result<()> {
             };
             let model = read_models.connect(projection).await?;
             let report = match model {
-                ReadModel::Students(live) => replay::replay(&client, names, live, options).await?,
-                ReadModel::Courses(live) => replay::replay(&client, names, live, options).await?,
+                ReadModel::Students(live) => {
+                    replay::replay(&client, names, &reader, live, options).await?
+                }
+                ReadModel::Courses(live) => {
+                    replay::replay(&client, names, &reader, live, options).await?
+                }
             };
             if let Some(at) = report.resumed_at {
                 println!("resumed an interrupted replay at position {at}");
@@ -248,18 +264,10 @@ async fn main() -> anyhow::Result<()> {
                 }
             );
         }
-        Command::Dlq { command } => dlq_command(&client, &jetstream, names, command).await?,
+        Command::Dlq { command } => {
+            dlq_command(&client, &jetstream, names, &reader, command).await?
+        }
         Command::Events { command } => {
-            let reader = match &cli.kek_file {
-                Some(path) => {
-                    let ring = service_kit::event_reader::load_kek_ring(Some(path))?;
-                    let keys = service_kit::data_keys::DataKeys::bind(&jetstream, names, ring)
-                        .await
-                        .context("the students' data-key bucket")?;
-                    service_kit::event_reader::EventReader::new(keys)
-                }
-                None => service_kit::event_reader::EventReader::without_keys(),
-            };
             events_command(&jetstream, names, &reader, command).await?;
         }
     }
@@ -269,7 +277,7 @@ async fn main() -> anyhow::Result<()> {
 async fn events_command(
     jetstream: &async_nats::jetstream::Context,
     names: &StreamNames,
-    reader: &service_kit::event_reader::EventReader,
+    reader: &EventReader,
     command: EventsCommand,
 ) -> anyhow::Result<()> {
     match command {
@@ -301,6 +309,7 @@ async fn dlq_command(
     client: &async_nats::Client,
     jetstream: &async_nats::jetstream::Context,
     names: &StreamNames,
+    reader: &EventReader,
     command: DlqCommand,
 ) -> anyhow::Result<()> {
     match command {
@@ -354,7 +363,7 @@ async fn dlq_command(
                     _ => {}
                 }
             }
-            for done in dlq::redrive(client, names, &models, &sequences).await? {
+            for done in dlq::redrive(client, names, reader, &models, &sequences).await? {
                 println!(
                     "dead letter {}: aggregate {} rebuilt from {} events; letter deleted",
                     done.sequence, done.aggregate, done.events_applied

@@ -18,6 +18,7 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use read_models::ProjectionStore;
 use read_models::rebuild::{GenerationSwitch, Rebuildable, SwitchError, SwitchReport};
+use service_kit::event_reader::{EventReader, ReadError};
 
 /// Below this many events behind, the rest is applied while the live projection is paused.
 const PAUSE_GAP: u64 = 2_000;
@@ -55,9 +56,14 @@ impl ReplayReport {
 }
 
 /// Rebuilds `live`'s read model into its next generation and switches it in.
+///
+/// Events are read through `reader`, the one reading path: sealed names are opened with the
+/// student's key, or come in empty once it was erased; a key out of reach stops the replay
+/// (it resumes where it was).
 pub async fn replay<S: Rebuildable>(
     client: &async_nats::Client,
     names: &StreamNames,
+    reader: &EventReader,
     live: S,
     options: ReplayOptions,
 ) -> anyhow::Result<ReplayReport> {
@@ -77,7 +83,7 @@ pub async fn replay<S: Rebuildable>(
     } else {
         None
     };
-    let mut copier = Copier::new(client, names, live.projection(), options)?;
+    let mut copier = Copier::new(client, names, reader, live.projection(), options)?;
 
     // Bulk: follow the live checkpoint (never past it) until close behind.
     loop {
@@ -128,6 +134,7 @@ pub async fn replay<S: Rebuildable>(
 /// Reads a projection's events from the stream and applies them to a store.
 struct Copier<'a> {
     client: &'a async_nats::Client,
+    reader: &'a EventReader,
     jetstream: jetstream::Context,
     stream: String,
     subjects: String,
@@ -141,6 +148,7 @@ impl<'a> Copier<'a> {
     fn new(
         client: &'a async_nats::Client,
         names: &StreamNames,
+        reader: &'a EventReader,
         projection: Projection,
         options: ReplayOptions,
     ) -> anyhow::Result<Self> {
@@ -160,6 +168,7 @@ impl<'a> Copier<'a> {
         };
         Ok(Copier {
             client,
+            reader,
             jetstream: jetstream::new(client.clone()),
             stream: names.event_stream(),
             subjects: names.aggregate_kind_subjects(projection.source_aggregate()),
@@ -219,8 +228,13 @@ impl<'a> Copier<'a> {
                 if sequence > end {
                     break;
                 }
-                match events::decode(&message.payload) {
-                    Ok(event) => batch.push((sequence, event)),
+                match self.reader.read(&message.payload).await {
+                    Ok(read) => batch.push((sequence, read.event)),
+                    Err(error) if error.is_transient() || matches!(error, ReadError::NoKeys) => {
+                        return Err(anyhow::anyhow!(
+                            "event {sequence} cannot be read now ({error}); run the replay again to resume"
+                        ));
+                    }
                     Err(_) => self.undecodable += 1,
                 }
                 if batch.len() >= self.batch_size || sequence == end {

@@ -53,9 +53,15 @@ async fn a_dead_letter_is_listed_redriven_after_the_fix_and_applied() {
         courses: None,
     };
     let sequences = [letter.sequence];
-    let error = dlq::redrive(&live.broker.client, &live.broker.names, &models, &sequences)
-        .await
-        .expect_err("the cause is not fixed");
+    let error = dlq::redrive(
+        &live.broker.client,
+        &live.broker.names,
+        &service_kit::event_reader::EventReader::without_keys(),
+        &models,
+        &sequences,
+    )
+    .await
+    .expect_err("the cause is not fixed");
     assert!(format!("{error:#}").contains("not fixed"), "{error:#}");
     assert_eq!(
         dlq::list(&live.broker.jetstream, &live.broker.names, None)
@@ -70,9 +76,15 @@ async fn a_dead_letter_is_listed_redriven_after_the_fix_and_applied() {
         .execute(&live.db.pool)
         .await
         .expect("fix");
-    let done = dlq::redrive(&live.broker.client, &live.broker.names, &models, &sequences)
-        .await
-        .expect("redrive");
+    let done = dlq::redrive(
+        &live.broker.client,
+        &live.broker.names,
+        &service_kit::event_reader::EventReader::without_keys(),
+        &models,
+        &sequences,
+    )
+    .await
+    .expect("redrive");
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].events_applied, 1);
     let (name, version): (String, i64) =
@@ -287,7 +299,16 @@ async fn a_redrive_keeps_an_event_applied_while_it_runs(
     let redrive = {
         let (client, names) = (live.broker.client.clone(), live.broker.names.clone());
         let sequence = letter.sequence;
-        tokio::spawn(async move { dlq::redrive(&client, &names, &models, &[sequence]).await })
+        tokio::spawn(async move {
+            dlq::redrive(
+                &client,
+                &names,
+                &service_kit::event_reader::EventReader::without_keys(),
+                &models,
+                &[sequence],
+            )
+            .await
+        })
     };
     // Without the fix this is where the history has been read; with it, nothing is read
     // until the redrive holds the checkpoint lock, and this waits out its 3 s.

@@ -260,6 +260,7 @@ async fn a_mongodb_course_replay_rebuilds_verifies_and_switches_while_reads_neve
     let report = replay(
         &live.broker.client,
         &live.broker.names,
+        &service_kit::event_reader::EventReader::without_keys(),
         live.store.clone(),
         OPTIONS,
     )
@@ -352,6 +353,7 @@ async fn a_mongodb_model_that_differs_is_not_switched_in_and_the_projection_goes
     let error = replay(
         &live.broker.client,
         &live.broker.names,
+        &service_kit::event_reader::EventReader::without_keys(),
         live.store.clone(),
         OPTIONS,
     )
@@ -374,6 +376,7 @@ async fn a_mongodb_model_that_differs_is_not_switched_in_and_the_projection_goes
     let again = replay(
         &live.broker.client,
         &live.broker.names,
+        &service_kit::event_reader::EventReader::without_keys(),
         live.store.clone(),
         OPTIONS,
     )
@@ -453,9 +456,15 @@ async fn a_mongodb_course_redrive_rebuilds_the_course_with_what_was_applied_afte
             CourseStore::connect(&live.url).await.expect("store"),
         )),
     };
-    let done = dlq::redrive(&live.broker.client, names, &models, &[letter.sequence])
-        .await
-        .expect("redrive");
+    let done = dlq::redrive(
+        &live.broker.client,
+        names,
+        &service_kit::event_reader::EventReader::without_keys(),
+        &models,
+        &[letter.sequence],
+    )
+    .await
+    .expect("redrive");
     assert_eq!(done[0].events_applied, 2, "the creation and the enrollment");
     let rebuilt = live
         .store

@@ -109,6 +109,7 @@ async fn replay_rebuilds_an_equal_model_and_switches_while_reads_never_fail() {
     let report = replay(
         &live.broker.client,
         &live.broker.names,
+        &service_kit::event_reader::EventReader::without_keys(),
         target(&live),
         OPTIONS,
     )
@@ -165,7 +166,16 @@ async fn an_interrupted_replay_resumes_when_run_again() {
             live.broker.names.clone(),
             target(&live),
         );
-        tokio::spawn(async move { replay(&client, &names, target, slow).await })
+        tokio::spawn(async move {
+            replay(
+                &client,
+                &names,
+                &service_kit::event_reader::EventReader::without_keys(),
+                target,
+                slow,
+            )
+            .await
+        })
     };
     let next = live.students.generation(Generation::Next);
 
@@ -184,6 +194,7 @@ async fn an_interrupted_replay_resumes_when_run_again() {
     let report = replay(
         &live.broker.client,
         &live.broker.names,
+        &service_kit::event_reader::EventReader::without_keys(),
         target(&live),
         OPTIONS,
     )
@@ -211,6 +222,7 @@ async fn a_model_that_differs_is_not_switched_in_without_force() {
     let error = replay(
         &live.broker.client,
         &live.broker.names,
+        &service_kit::event_reader::EventReader::without_keys(),
         target(&live),
         OPTIONS,
     )
@@ -227,6 +239,7 @@ async fn a_model_that_differs_is_not_switched_in_without_force() {
     let forced = replay(
         &live.broker.client,
         &live.broker.names,
+        &service_kit::event_reader::EventReader::without_keys(),
         target(&live),
         ReplayOptions {
             force: true,
@@ -302,7 +315,16 @@ async fn a_replay_before_the_live_projections_first_commit_serialises_with_its_f
     let replaying = {
         let (client, names) = (broker.client.clone(), broker.names.clone());
         let target = students.clone();
-        tokio::spawn(async move { replay(&client, &names, target, OPTIONS).await })
+        tokio::spawn(async move {
+            replay(
+                &client,
+                &names,
+                &service_kit::event_reader::EventReader::without_keys(),
+                target,
+                OPTIONS,
+            )
+            .await
+        })
     };
     test_support::eventually(30, "the switch to wait for the next tables", || async {
         waiting_on_a_lock(&db.pool, "%students__next%")
@@ -349,4 +371,82 @@ async fn a_replay_before_the_live_projections_first_commit_serialises_with_its_f
     );
     db.cleanup().await;
     broker.cleanup().await;
+}
+
+/// The names of an erased student come back from no replay: its registration is read as
+/// erased (empty fields) and its deletion removes it, while the sealed names of everyone
+/// else are opened into the new generation. No generation, old or new, holds the names.
+#[tokio::test]
+async fn a_replay_after_an_erasure_brings_no_name_back() {
+    let live = Live::start().await;
+    let (erased, kept) = (Uuid::now_v7(), Uuid::now_v7());
+    let registration = live
+        .publish_sealed(&registered(erased, "Zebulon Quixotic"))
+        .await;
+    live.publish_sealed(&registered(kept, "Grace H")).await;
+    let before = live
+        .publish(&common::event(erased, events::EventPayload::StudentDeleted))
+        .await;
+    live.caught_up(before).await;
+    live.keys.destroy(erased).await.expect("key destroyed");
+    let last = live
+        .publish(&common::event(erased, events::EventPayload::StudentErased))
+        .await;
+    live.caught_up(last).await;
+
+    let report = replay(
+        &live.broker.client,
+        &live.broker.names,
+        &live.reader,
+        target(&live),
+        OPTIONS,
+    )
+    .await
+    .expect("replay");
+    assert_eq!(report.undecodable, 0, "{report:?}");
+    // The stream still holds the registration (append-only), sealed and now unreadable.
+    let stream = live
+        .broker
+        .jetstream
+        .get_stream(live.broker.names.event_stream())
+        .await
+        .expect("stream");
+    for sequence in 1..=last {
+        let message = stream.direct_get(sequence).await.expect("stored event");
+        assert!(
+            !message.payload.windows(7).any(|w| w == b"Zebulon"),
+            "event {sequence} holds the name in the clear"
+        );
+        if sequence == registration {
+            let read = live.reader.read(&message.payload).await.expect("reads");
+            assert_eq!(read.personal, service_kit::event_reader::Personal::Erased);
+        }
+    }
+    assert_eq!(report.switch.live, report.switch.next);
+    let names: Vec<String> = sqlx::query_scalar("SELECT name FROM students ORDER BY name")
+        .fetch_all(&live.db.pool)
+        .await
+        .expect("students");
+    assert_eq!(
+        names,
+        vec!["Grace H".to_owned()],
+        "the sealed name was not opened"
+    );
+    for (table, query) in [
+        (
+            "students",
+            "SELECT count(*) FROM students WHERE name LIKE '%Zebulon%' OR first_name LIKE '%Zebulon%'",
+        ),
+        (
+            "students__old",
+            "SELECT count(*) FROM students__old WHERE name LIKE '%Zebulon%' OR first_name LIKE '%Zebulon%'",
+        ),
+    ] {
+        let hits: i64 = sqlx::query_scalar(query)
+            .fetch_one(&live.db.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{table}: {e}"));
+        assert_eq!(hits, 0, "{table} holds the erased name");
+    }
+    live.cleanup().await;
 }

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use events::{AggregateKind, Enrollment, Event, EventPayload, StudentDetails};
 use projectors::{ProjectionProgress, ProjectionRunner};
 use read_models::PgStudents;
+use service_kit::data_keys::DataKeys;
+use service_kit::event_reader::EventReader;
 use test_support::{TestBroker, TestDatabase};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -16,8 +18,14 @@ pub struct Live {
     pub broker: TestBroker,
     pub db: TestDatabase,
     pub students: PgStudents,
+    /// The students' data keys (a test KEK), and the reading path the live projection uses.
+    pub keys: DataKeys,
+    pub reader: EventReader,
     stop: watch::Sender<bool>,
 }
+
+/// The KEK of every test here (never a real one).
+pub const TEST_KEK: &str = "test:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
 impl Live {
     /// The broker topology, a fresh database, and the live students projection running.
@@ -27,9 +35,14 @@ impl Live {
         let students = PgStudents::with_pool(db.pool.clone())
             .await
             .expect("migrated");
+        let ring = Arc::new(events::personal::KekRing::parse(TEST_KEK).expect("test KEK"));
+        let keys = DataKeys::bind(&broker.jetstream, &broker.names, ring)
+            .await
+            .expect("the data-key bucket");
+        let reader = EventReader::new(keys.clone());
         let (stop, stopped) = watch::channel(false);
         let runner = ProjectionRunner {
-            reader: service_kit::event_reader::EventReader::without_keys(),
+            reader: reader.clone(),
             jetstream: broker.jetstream.clone(),
             names: broker.names.clone(),
             store: students.clone(),
@@ -46,19 +59,37 @@ impl Live {
             broker,
             db,
             students,
+            keys,
+            reader,
             stop,
         }
     }
 
+    /// Publishes a student event as the gateway writes it with a data key (schema version
+    /// 2: personal fields sealed with the student's key, made on its first use).
+    pub async fn publish_sealed(&self, event: &Event) -> u64 {
+        let key = self
+            .keys
+            .key_for_registration(event.metadata.aggregate_id)
+            .await
+            .expect("a data key");
+        self.publish_bytes(event, events::encode_sealed(event, &key))
+            .await
+    }
+
     /// Publishes an event on its aggregate's subject; returns its stream position.
     pub async fn publish(&self, event: &Event) -> u64 {
+        self.publish_bytes(event, events::encode(event)).await
+    }
+
+    async fn publish_bytes(&self, event: &Event, bytes: Vec<u8>) -> u64 {
         self.broker
             .jetstream
             .publish(
                 self.broker
                     .names
                     .aggregate_subject(event.metadata.aggregate_kind, event.metadata.aggregate_id),
-                events::encode(event).into(),
+                bytes.into(),
             )
             .await
             .expect("publish")
