@@ -8,7 +8,7 @@ use crate::model::{
     AggregateKind, CourseDetails, Enrollment, Event, EventMetadata, EventPayload, StudentDetails,
     TraceContext,
 };
-use crate::personal::{self, DataKey, OpenError};
+use crate::personal::{self, DataKey, DataKeyRef, OpenError};
 use crate::proto;
 use crate::proto::event_envelope::Payload;
 
@@ -45,6 +45,8 @@ pub enum DecodeError {
         event_type: &'static str,
         rule: &'static str,
     },
+    #[error("the sealed fields name a key slot beyond any key block")]
+    InvalidKeySlot,
     /// [`decode`] met a sealed event: read it with [`decode_sealed`] and the student's key.
     #[error("the personal fields are sealed: read them with the student's data key")]
     Sealed,
@@ -61,14 +63,23 @@ pub fn encode(event: &Event) -> Vec<u8> {
 }
 
 /// Encodes an event at schema version 2: a student's personal fields sealed with `key`,
-/// the student's data key, bound to this event's id and each field's name. Events without
-/// personal fields are written as by [`encode`], at version 2.
-pub fn encode_sealed(event: &Event, key: &DataKey) -> Vec<u8> {
+/// the student's data key (kept at `key_ref`, which the event names), bound to this event's
+/// id and the field names. Events without personal fields are written as by [`encode`], at
+/// version 2.
+pub fn encode_sealed(event: &Event, key_ref: DataKeyRef, key: &DataKey) -> Vec<u8> {
     let event_id = event.metadata.event_id;
     let sealed = |d: &StudentDetails| proto::SealedStudentDetails {
-        name: personal::seal(key, event_id, "name", &d.name),
-        first_name: personal::seal(key, event_id, "first_name", &d.first_name),
-        last_name: personal::seal(key, event_id, "last_name", &d.last_name),
+        fields: personal::seal(
+            key,
+            event_id,
+            &[
+                (SEALED_FIELDS[0], &d.name),
+                (SEALED_FIELDS[1], &d.first_name),
+                (SEALED_FIELDS[2], &d.last_name),
+            ],
+        ),
+        key_block: key_ref.block.to_string(),
+        key_slot: u32::from(key_ref.slot),
     };
     let payload = match &event.payload {
         EventPayload::StudentRegistered(d) => {
@@ -166,10 +177,11 @@ pub enum Decoded {
 pub struct SealedEvent {
     metadata: EventMetadata,
     updated: bool,
-    fields: [Vec<u8>; 3],
+    key: DataKeyRef,
+    fields: Vec<u8>,
 }
 
-/// Field names, in the order of [`SealedEvent::fields`] (also the associated data).
+/// The sealed field names, in the order they are sealed (also the associated data).
 const SEALED_FIELDS: [&str; 3] = ["name", "first_name", "last_name"];
 
 impl SealedEvent {
@@ -182,6 +194,11 @@ impl SealedEvent {
         self.metadata.aggregate_id
     }
 
+    /// Where the data key that opens it is kept.
+    pub fn key(&self) -> DataKeyRef {
+        self.key
+    }
+
     pub fn event_type(&self) -> &'static str {
         if self.updated {
             "StudentUpdated"
@@ -192,17 +209,14 @@ impl SealedEvent {
 
     /// The event with its fields, opened with the student's data key.
     pub fn open(self, key: &DataKey) -> Result<Event, OpenError> {
-        let event_id = self.metadata.event_id;
-        let [name, first_name, last_name] = &self.fields;
-        let open = |field: usize, sealed: &[u8]| {
-            personal::open(key, event_id, SEALED_FIELDS[field], sealed)
-        };
-        let details = StudentDetails {
-            name: open(0, name)?,
-            first_name: open(1, first_name)?,
-            last_name: open(2, last_name)?,
-        };
-        Ok(self.with(details))
+        let values = personal::open(key, self.metadata.event_id, &SEALED_FIELDS, &self.fields)?;
+        let [name, first_name, last_name]: [String; 3] =
+            values.try_into().map_err(|_| OpenError::Malformed)?;
+        Ok(self.with(StudentDetails {
+            name,
+            first_name,
+            last_name,
+        }))
     }
 
     /// The event once its key is destroyed: the same event, every personal field empty.
@@ -287,7 +301,11 @@ pub fn decode_sealed(bytes: &[u8]) -> Result<Decoded, DecodeError> {
             (SEALED_VERSION, Some(s)) if clear => Ok(Decoded::Sealed(SealedEvent {
                 metadata: metadata.clone(),
                 updated,
-                fields: [s.name, s.first_name, s.last_name],
+                key: DataKeyRef {
+                    block: parse_uuid("key_block", &s.key_block)?,
+                    slot: u16::try_from(s.key_slot).map_err(|_| DecodeError::InvalidKeySlot)?,
+                },
+                fields: s.fields,
             })),
             (SEALED_VERSION, _) => Err(DecodeError::VersionMismatch {
                 version,
@@ -490,16 +508,21 @@ mod tests {
     #[test]
     fn a_sealed_student_event_opens_only_with_its_key_and_never_shows_the_names() {
         let key = DataKey::generate();
+        let key_ref = DataKeyRef {
+            block: Uuid::now_v7(),
+            slot: 42,
+        };
         for payload in [
             EventPayload::StudentRegistered(ada()),
             EventPayload::StudentUpdated(ada()),
         ] {
             let event = student_event(payload);
-            let bytes = encode_sealed(&event, &key);
+            let bytes = encode_sealed(&event, key_ref, &key);
             assert!(!bytes.windows(8).any(|w| w == b"Lovelace"), "in the clear");
             let Ok(Decoded::Sealed(sealed)) = decode_sealed(&bytes) else {
                 panic!("not sealed");
             };
+            assert_eq!(sealed.key(), key_ref);
             assert_eq!(sealed.clone().open(&key), Ok(event));
             assert!(sealed.open(&DataKey::generate()).is_err());
             assert!(matches!(decode(&bytes), Err(DecodeError::Sealed)));
@@ -507,7 +530,7 @@ mod tests {
         // Nothing personal to seal: the same event as without a key, at version 2.
         let deleted = student_event(EventPayload::StudentDeleted);
         assert_eq!(
-            decode_sealed(&encode_sealed(&deleted, &key)).ok(),
+            decode_sealed(&encode_sealed(&deleted, key_ref, &key)).ok(),
             Some(Decoded::Plain(deleted))
         );
         let erased = student_event(EventPayload::StudentErased);
@@ -517,8 +540,13 @@ mod tests {
     #[test]
     fn each_version_carries_the_names_its_own_way_only() {
         let key = DataKey::generate();
+        let key_ref = DataKeyRef {
+            block: Uuid::now_v7(),
+            slot: 0,
+        };
         let event = student_event(EventPayload::StudentRegistered(ada()));
-        let sealed = proto::EventEnvelope::decode(&encode_sealed(&event, &key)[..]).expect("ok");
+        let sealed =
+            proto::EventEnvelope::decode(&encode_sealed(&event, key_ref, &key)[..]).expect("ok");
         let clear = proto::EventEnvelope::decode(&encode(&event)[..]).expect("ok");
 
         // Version 2 with the names in the clear as well, or without the sealed ones.

@@ -1,14 +1,21 @@
 //! Personal data in events, sealed so that it can be erased (crypto-shredding).
 //!
-//! Each student has a data key of its own. A personal field is sealed with it
-//! (XChaCha20-Poly1305, a random 24-byte nonce per field, the event id and the field name as
-//! associated data, so a sealed value cannot be moved to another event or field unnoticed).
-//! Data keys are stored outside the stream, wrapped by a key-encryption key (KEK) from
-//! configuration; destroying a student's data key makes every sealed field of that student
-//! unreadable for good, in every copy of the stream.
+//! Each student has a data key of its own. An event's personal fields are sealed together
+//! with it in one XChaCha20-Poly1305 operation (a random 24-byte nonce; the event id and the
+//! field names as associated data, so a sealed value cannot be moved to another event, or
+//! read as other fields, unnoticed). One operation per event rather than per field: the
+//! projector opens every registration it applies, and three would triple that cost.
 //!
-//! This module is pure: generating, wrapping and using keys. Where wrapped keys are kept and
-//! where the KEKs come from is the services' concern.
+//! Data keys are stored outside the stream, in **key blocks**: one block holds the keys of
+//! up to [`BLOCK_SLOTS`] students (a slot each), and the whole block is wrapped by a
+//! key-encryption key (KEK) from configuration. An event names its key by [`DataKeyRef`]
+//! (block and slot). Blocks exist so that registering a student costs no write of its own:
+//! a gateway writes a block of fresh keys ahead of need and hands out its slots. Destroying
+//! a student's key rewrites its block with that slot emptied, which makes every sealed field
+//! of that student unreadable for good, in every copy of the stream.
+//!
+//! This module is pure: generating, wrapping and using keys. Where blocks are kept and where
+//! the KEKs come from is the services' concern (`service_kit::data_keys`).
 
 use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
@@ -17,12 +24,15 @@ use zeroize::Zeroizing;
 
 /// Bytes of a data key and of a KEK (256-bit keys).
 pub const KEY_LEN: usize = 32;
+/// Students whose keys share one block (one stored message).
+pub const BLOCK_SLOTS: u16 = 256;
 const NONCE_LEN: usize = 24;
-/// Version byte in front of every sealed value and wrapped key, so the format can change.
+/// Version byte in front of every sealed value, wrapped block and block, so the format can
+/// change.
 const FORMAT: u8 = 1;
-/// Associated-data prefixes: a sealed field can never be opened as a wrapped key or back.
-const FIELD_CONTEXT: &[u8] = b"school/personal-field/v1";
-const WRAP_CONTEXT: &[u8] = b"school/data-key/v1";
+/// Associated-data prefixes: sealed fields can never be opened as a wrapped block or back.
+const FIELD_CONTEXT: &[u8] = b"school/personal-fields/v1";
+const WRAP_CONTEXT: &[u8] = b"school/key-block/v1";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum OpenError {
@@ -30,7 +40,7 @@ pub enum OpenError {
     #[error("not a sealed value of a known format")]
     Malformed,
     /// The key is not the one it was sealed with, or the bytes or their context (event id,
-    /// field, student) were changed.
+    /// fields, block) were changed.
     #[error("does not open with this key in this context")]
     Rejected,
     /// Wrapped by a KEK the configuration no longer holds.
@@ -68,52 +78,91 @@ impl std::fmt::Debug for DataKey {
     }
 }
 
-/// Seals one personal field of one event: `FORMAT || nonce || ciphertext+tag`.
-pub fn seal(key: &DataKey, event_id: Uuid, field: &str, plaintext: &str) -> Vec<u8> {
+/// Where a student's data key is kept: a slot of a key block. Written into every event
+/// sealed with it, so any reader finds the key without knowing the student.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct DataKeyRef {
+    pub block: Uuid,
+    pub slot: u16,
+}
+
+/// Seals one event's personal fields (`(name, value)` pairs, in a fixed order) as one value:
+/// `FORMAT || nonce || ciphertext+tag` of the length-prefixed values, the event id and the
+/// field names as associated data.
+pub fn seal(key: &DataKey, event_id: Uuid, fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut plaintext = Zeroizing::new(Vec::with_capacity(
+        fields.iter().map(|(_, v)| v.len() + 4).sum(),
+    ));
+    for (_, value) in fields {
+        // Fields are validated to a few hundred bytes at the edge; a longer one is cut at
+        // u32::MAX, never reached.
+        let len = u32::try_from(value.len()).unwrap_or(u32::MAX);
+        plaintext.extend_from_slice(&len.to_le_bytes());
+        plaintext.extend_from_slice(value.as_bytes());
+    }
+    let names: Vec<&str> = fields.iter().map(|(name, _)| *name).collect();
     let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
-    let aad = field_context(event_id, field);
+    let aad = field_context(event_id, &names);
     let sealed = key
         .cipher()
         .encrypt(
             &nonce,
             Payload {
-                msg: plaintext.as_bytes(),
+                msg: &plaintext,
                 aad: &aad,
             },
         )
-        // Encryption fails only for messages beyond 2^38 bytes; fields are validated to a
-        // few hundred bytes at the edge.
+        // Encryption fails only for messages beyond 2^38 bytes.
         .unwrap_or_default();
     framed(&nonce, &sealed)
 }
 
-/// Opens what [`seal`] produced for the same event and field.
+/// Opens what [`seal`] produced for the same event and the same field names, in order.
 pub fn open(
     key: &DataKey,
     event_id: Uuid,
-    field: &str,
+    names: &[&str],
     sealed: &[u8],
-) -> Result<String, OpenError> {
+) -> Result<Vec<String>, OpenError> {
     let (nonce, ciphertext) = unframe(sealed)?;
-    let aad = field_context(event_id, field);
-    let plaintext = key
-        .cipher()
-        .decrypt(
-            nonce,
-            Payload {
-                msg: ciphertext,
-                aad: &aad,
-            },
-        )
-        .map_err(|_| OpenError::Rejected)?;
-    String::from_utf8(plaintext).map_err(|_| OpenError::NotText)
+    let aad = field_context(event_id, names);
+    let plaintext = Zeroizing::new(
+        key.cipher()
+            .decrypt(
+                nonce,
+                Payload {
+                    msg: ciphertext,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| OpenError::Rejected)?,
+    );
+    let mut values = Vec::with_capacity(names.len());
+    let mut rest = &plaintext[..];
+    for _ in names {
+        let (len, tail) = rest.split_first_chunk::<4>().ok_or(OpenError::Malformed)?;
+        let len = usize::try_from(u32::from_le_bytes(*len)).map_err(|_| OpenError::Malformed)?;
+        if tail.len() < len {
+            return Err(OpenError::Malformed);
+        }
+        let (value, tail) = tail.split_at(len);
+        values.push(String::from_utf8(value.to_vec()).map_err(|_| OpenError::NotText)?);
+        rest = tail;
+    }
+    if !rest.is_empty() {
+        return Err(OpenError::Malformed);
+    }
+    Ok(values)
 }
 
-fn field_context(event_id: Uuid, field: &str) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(FIELD_CONTEXT.len() + 16 + field.len());
+fn field_context(event_id: Uuid, names: &[&str]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(FIELD_CONTEXT.len() + 16 + 32);
     aad.extend_from_slice(FIELD_CONTEXT);
     aad.extend_from_slice(event_id.as_bytes());
-    aad.extend_from_slice(field.as_bytes());
+    for name in names {
+        aad.push(0);
+        aad.extend_from_slice(name.as_bytes());
+    }
     aad
 }
 
@@ -139,6 +188,102 @@ fn split_nonce(bytes: &[u8]) -> Result<(&XNonce, &[u8]), OpenError> {
     }
     let (nonce, ciphertext) = bytes.split_at(NONCE_LEN);
     Ok((XNonce::from_slice(nonce), ciphertext))
+}
+
+/// The keys of one block, in the clear (in memory only; stored wrapped, see
+/// [`KekRing::wrap`]). A destroyed slot holds nothing.
+#[derive(Clone, Debug)]
+pub struct KeyBlock {
+    slots: Vec<Option<DataKey>>,
+}
+
+/// What a block holds in one slot.
+#[derive(Debug, Clone)]
+pub enum SlotKey {
+    Key(DataKey),
+    /// Destroyed by an erasure: what it sealed is unreadable for good.
+    Destroyed,
+    /// Beyond the block's slots: no event written by this system names it.
+    Unknown,
+}
+
+impl KeyBlock {
+    /// A block of [`BLOCK_SLOTS`] fresh random keys.
+    pub fn generate() -> Self {
+        KeyBlock {
+            slots: (0..BLOCK_SLOTS)
+                .map(|_| Some(DataKey::generate()))
+                .collect(),
+        }
+    }
+
+    pub fn len(&self) -> u16 {
+        u16::try_from(self.slots.len()).unwrap_or(u16::MAX)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    pub fn slot(&self, slot: u16) -> SlotKey {
+        match self.slots.get(usize::from(slot)) {
+            Some(Some(key)) => SlotKey::Key(key.clone()),
+            Some(None) => SlotKey::Destroyed,
+            None => SlotKey::Unknown,
+        }
+    }
+
+    /// Forgets the key of `slot` (its bytes are zeroed as it drops); `false` when there was
+    /// none to forget.
+    pub fn destroy(&mut self, slot: u16) -> bool {
+        self.slots
+            .get_mut(usize::from(slot))
+            .and_then(Option::take)
+            .is_some()
+    }
+
+    /// `FORMAT || slot count (u16) || per slot: 1 (key follows) or 0 (destroyed) || key`.
+    fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
+        let mut bytes = Zeroizing::new(Vec::with_capacity(3 + self.slots.len() * (1 + KEY_LEN)));
+        bytes.push(FORMAT);
+        bytes.extend_from_slice(&self.len().to_le_bytes());
+        for slot in &self.slots {
+            match slot {
+                Some(key) => {
+                    bytes.push(1);
+                    bytes.extend_from_slice(&key.0[..]);
+                }
+                None => {
+                    bytes.push(0);
+                    bytes.extend_from_slice(&[0; KEY_LEN]);
+                }
+            }
+        }
+        bytes
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<Self, OpenError> {
+        let [FORMAT, low, high, rest @ ..] = bytes else {
+            return Err(OpenError::Malformed);
+        };
+        let count = usize::from(u16::from_le_bytes([*low, *high]));
+        if rest.len() != count * (1 + KEY_LEN) {
+            return Err(OpenError::Malformed);
+        }
+        let slots = rest
+            .chunks_exact(1 + KEY_LEN)
+            .map(|chunk| match chunk.split_first() {
+                Some((1, key)) => {
+                    let mut bytes = [0u8; KEY_LEN];
+                    bytes.copy_from_slice(key);
+                    Ok(Some(DataKey::from_bytes(bytes)))
+                }
+                Some((0, _)) => Ok(None),
+                _ => Err(OpenError::Malformed),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(KeyBlock { slots })
+    }
 }
 
 /// Longest KEK id (it is written, with its length in one byte, in front of each wrapped key).
@@ -219,19 +364,20 @@ impl KekRing {
         &self.keks[0].id
     }
 
-    /// Wraps `key` for `student` with the current KEK: `FORMAT || id length || id || nonce ||
-    /// ciphertext+tag`, the student id and KEK id bound as associated data.
-    pub fn wrap(&self, student: Uuid, key: &DataKey) -> Vec<u8> {
+    /// Wraps key block `block` with the current KEK: `FORMAT || id length || id || nonce ||
+    /// ciphertext+tag`, the block id and KEK id bound as associated data.
+    pub fn wrap(&self, block: Uuid, keys: &KeyBlock) -> Vec<u8> {
         let kek = &self.keks[0];
         let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
-        let aad = wrap_context(student, &kek.id);
+        let aad = wrap_context(block, &kek.id);
+        let plaintext = keys.to_bytes();
         let wrapped = kek
             .key
             .cipher()
             .encrypt(
                 &nonce,
                 Payload {
-                    msg: &key.0[..],
+                    msg: &plaintext,
                     aad: &aad,
                 },
             )
@@ -239,16 +385,17 @@ impl KekRing {
         let id = kek.id.as_bytes();
         let mut out = Vec::with_capacity(2 + id.len() + NONCE_LEN + wrapped.len());
         out.push(FORMAT);
-        out.push(id.len() as u8);
+        // Ids are at most MAX_KEK_ID (64) bytes, checked by `parse`.
+        out.push(u8::try_from(id.len()).unwrap_or(u8::MAX));
         out.extend_from_slice(id);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&wrapped);
         out
     }
 
-    /// Unwraps what [`KekRing::wrap`] produced for `student`, with whichever configured KEK
+    /// Unwraps what [`KekRing::wrap`] produced for `block`, with whichever configured KEK
     /// wrapped it.
-    pub fn unwrap(&self, student: Uuid, wrapped: &[u8]) -> Result<DataKey, OpenError> {
+    pub fn unwrap(&self, block: Uuid, wrapped: &[u8]) -> Result<KeyBlock, OpenError> {
         let (id, sealed) = split_wrapped(wrapped)?;
         let kek = self
             .keks
@@ -256,7 +403,7 @@ impl KekRing {
             .find(|k| k.id.as_bytes() == id)
             .ok_or_else(|| OpenError::UnknownKek(String::from_utf8_lossy(id).into_owned()))?;
         let (nonce, ciphertext) = split_nonce(sealed)?;
-        let aad = wrap_context(student, &kek.id);
+        let aad = wrap_context(block, &kek.id);
         let bytes = Zeroizing::new(
             kek.key
                 .cipher()
@@ -269,19 +416,18 @@ impl KekRing {
                 )
                 .map_err(|_| OpenError::Rejected)?,
         );
-        let key: [u8; KEY_LEN] = bytes[..].try_into().map_err(|_| OpenError::Malformed)?;
-        Ok(DataKey::from_bytes(key))
+        KeyBlock::from_bytes(&bytes)
     }
 
     /// `Some(rewrapped)` when `wrapped` was wrapped by an older KEK, `None` when the current
     /// one already wraps it. Events are untouched: only the wrapping changes.
-    pub fn rewrap(&self, student: Uuid, wrapped: &[u8]) -> Result<Option<Vec<u8>>, OpenError> {
+    pub fn rewrap(&self, block: Uuid, wrapped: &[u8]) -> Result<Option<Vec<u8>>, OpenError> {
         let (id, _) = split_wrapped(wrapped)?;
         if id == self.current_id().as_bytes() {
             return Ok(None);
         }
-        let key = self.unwrap(student, wrapped)?;
-        Ok(Some(self.wrap(student, &key)))
+        let keys = self.unwrap(block, wrapped)?;
+        Ok(Some(self.wrap(block, &keys)))
     }
 }
 
@@ -297,10 +443,10 @@ fn split_wrapped(wrapped: &[u8]) -> Result<(&[u8], &[u8]), OpenError> {
     Ok(rest.split_at(id_len))
 }
 
-fn wrap_context(student: Uuid, kek_id: &str) -> Vec<u8> {
+fn wrap_context(block: Uuid, kek_id: &str) -> Vec<u8> {
     let mut aad = Vec::with_capacity(WRAP_CONTEXT.len() + 16 + kek_id.len());
     aad.extend_from_slice(WRAP_CONTEXT);
-    aad.extend_from_slice(student.as_bytes());
+    aad.extend_from_slice(block.as_bytes());
     aad.extend_from_slice(kek_id.as_bytes());
     aad
 }
@@ -328,28 +474,46 @@ mod tests {
     const KEK_B: &str =
         "kek-2026b:f0e0d0c0b0a090807060504030201000ffeeddccbbaa99887766554433221100";
 
+    const FIELDS: [&str; 3] = ["name", "first_name", "last_name"];
+
+    fn ada(key: &DataKey, event: Uuid) -> Vec<u8> {
+        seal(
+            key,
+            event,
+            &[
+                ("name", "Ada L"),
+                ("first_name", "Ada"),
+                ("last_name", "Lovelace"),
+            ],
+        )
+    }
+
     #[test]
-    fn a_sealed_field_opens_with_its_key_in_its_context_only() {
+    fn sealed_fields_open_with_their_key_in_their_context_only() {
         let key = DataKey::generate();
         let event = Uuid::now_v7();
-        let sealed = seal(&key, event, "first_name", "Ada");
+        let sealed = ada(&key, event);
         assert!(!sealed.windows(3).any(|w| w == b"Ada"), "plaintext visible");
         assert_eq!(
-            open(&key, event, "first_name", &sealed).as_deref(),
-            Ok("Ada")
+            open(&key, event, &FIELDS, &sealed),
+            Ok(vec![
+                "Ada L".to_owned(),
+                "Ada".to_owned(),
+                "Lovelace".to_owned()
+            ])
         );
         // Another key (an erased student's key is gone; any other key fails the same way).
         assert_eq!(
-            open(&DataKey::generate(), event, "first_name", &sealed),
+            open(&DataKey::generate(), event, &FIELDS, &sealed),
             Err(OpenError::Rejected)
         );
-        // Moved to another field or another event.
+        // Read as other fields, or moved to another event.
         assert_eq!(
-            open(&key, event, "last_name", &sealed),
+            open(&key, event, &["last_name", "first_name", "name"], &sealed),
             Err(OpenError::Rejected)
         );
         assert_eq!(
-            open(&key, Uuid::now_v7(), "first_name", &sealed),
+            open(&key, Uuid::now_v7(), &FIELDS, &sealed),
             Err(OpenError::Rejected)
         );
         // Tampered, truncated, of another format.
@@ -357,68 +521,94 @@ mod tests {
         let last = flipped.len() - 1;
         flipped[last] ^= 1;
         assert_eq!(
-            open(&key, event, "first_name", &flipped),
+            open(&key, event, &FIELDS, &flipped),
             Err(OpenError::Rejected)
         );
         assert_eq!(
-            open(&key, event, "first_name", &sealed[..20]),
+            open(&key, event, &FIELDS, &sealed[..20]),
             Err(OpenError::Malformed)
         );
         let mut other_format = sealed;
         other_format[0] = 9;
         assert_eq!(
-            open(&key, event, "first_name", &other_format),
+            open(&key, event, &FIELDS, &other_format),
             Err(OpenError::Malformed)
         );
     }
 
     #[test]
-    fn the_same_name_seals_differently_every_time() {
+    fn the_same_names_seal_differently_every_time() {
         let key = DataKey::generate();
         let event = Uuid::now_v7();
-        assert_ne!(
-            seal(&key, event, "name", "Ada L"),
-            seal(&key, event, "name", "Ada L")
-        );
+        assert_ne!(ada(&key, event), ada(&key, event));
     }
 
     #[test]
-    fn a_rotated_ring_rewraps_keys_that_still_open_old_fields() {
+    fn a_block_keeps_its_keys_through_wrapping_and_loses_a_destroyed_one_for_good() {
+        let ring = KekRing::parse(KEK_A).expect("one kek");
+        let block = Uuid::now_v7();
+        let mut keys = KeyBlock::generate();
+        assert_eq!(keys.len(), BLOCK_SLOTS);
+        let event = Uuid::now_v7();
+        let SlotKey::Key(key) = keys.slot(7) else {
+            panic!("a fresh block has every key");
+        };
+        let sealed = ada(&key, event);
+        let wrapped = ring.wrap(block, &keys);
+        let SlotKey::Key(again) = ring.unwrap(block, &wrapped).expect("opens").slot(7) else {
+            panic!("slot 7 lost");
+        };
+        assert!(open(&again, event, &FIELDS, &sealed).is_ok());
+        // Bound to its block id.
+        assert_eq!(
+            ring.unwrap(Uuid::now_v7(), &wrapped).map(|_| ()),
+            Err(OpenError::Rejected)
+        );
+
+        assert!(keys.destroy(7));
+        assert!(!keys.destroy(7), "nothing left to destroy");
+        let rewritten = ring.unwrap(block, &ring.wrap(block, &keys)).expect("opens");
+        assert!(matches!(rewritten.slot(7), SlotKey::Destroyed));
+        assert!(matches!(rewritten.slot(8), SlotKey::Key(_)));
+        assert!(matches!(rewritten.slot(BLOCK_SLOTS), SlotKey::Unknown));
+    }
+
+    #[test]
+    fn a_rotated_ring_rewraps_blocks_whose_keys_still_open_old_fields() {
         let old = KekRing::parse(KEK_A).expect("one kek");
         let rotated = KekRing::parse(&format!("# new first\n{KEK_B}\n\n{KEK_A}\n")).expect("two");
         assert_eq!(rotated.current_id(), "kek-2026b");
-        let student = Uuid::now_v7();
+        let block = Uuid::now_v7();
         let event = Uuid::now_v7();
-        let key = DataKey::generate();
-        let sealed = seal(&key, event, "name", "Ada L");
-        let wrapped = old.wrap(student, &key);
+        let keys = KeyBlock::generate();
+        let SlotKey::Key(key) = keys.slot(0) else {
+            panic!("fresh block");
+        };
+        let sealed = ada(&key, event);
+        let wrapped = old.wrap(block, &keys);
 
         let rewrapped = rotated
-            .rewrap(student, &wrapped)
+            .rewrap(block, &wrapped)
             .expect("opens")
             .expect("was wrapped by the old kek");
         assert_eq!(
-            rotated.rewrap(student, &rewrapped),
+            rotated.rewrap(block, &rewrapped),
             Ok(None),
             "already current"
         );
         let only_new = KekRing::parse(KEK_B).expect("one kek");
-        let key_again = only_new
-            .unwrap(student, &rewrapped)
-            .expect("the new kek opens it");
+        let SlotKey::Key(key_again) = only_new
+            .unwrap(block, &rewrapped)
+            .expect("the new kek opens it")
+            .slot(0)
+        else {
+            panic!("slot 0 lost");
+        };
+        assert!(open(&key_again, event, &FIELDS, &sealed).is_ok());
+        // Once the old KEK is removed, blocks it alone wraps are refused by name.
         assert_eq!(
-            open(&key_again, event, "name", &sealed).as_deref(),
-            Ok("Ada L")
-        );
-        // Once the old KEK is removed, keys it alone wraps are refused by name.
-        assert_eq!(
-            only_new.unwrap(student, &wrapped).map(|_| ()),
+            only_new.unwrap(block, &wrapped).map(|_| ()),
             Err(OpenError::UnknownKek("kek-2026a".into()))
-        );
-        // A wrapped key is bound to its student.
-        assert_eq!(
-            rotated.unwrap(Uuid::now_v7(), &rewrapped).map(|_| ()),
-            Err(OpenError::Rejected)
         );
     }
 
@@ -457,10 +647,13 @@ mod tests {
     fn garbage_never_opens_and_never_panics() {
         let ring = KekRing::parse(KEK_A).expect("one kek");
         let key = DataKey::generate();
-        let student = Uuid::now_v7();
+        let id = Uuid::now_v7();
         for bytes in [&b""[..], &[1], &[1, 200, 3], &[1, 0], &[0; 80], &[1; 80]] {
-            assert!(ring.unwrap(student, bytes).is_err(), "{bytes:?}");
-            assert!(open(&key, student, "name", bytes).is_err(), "{bytes:?}");
+            assert!(ring.unwrap(id, bytes).is_err(), "{bytes:?}");
+            assert!(open(&key, id, &FIELDS, bytes).is_err(), "{bytes:?}");
+        }
+        for bytes in [&b""[..], &[1, 1, 0], &[1, 1, 0, 2], &[2, 0, 0]] {
+            assert!(KeyBlock::from_bytes(bytes).is_err(), "{bytes:?}");
         }
     }
 }

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
-use events::personal::{DataKey, KEY_LEN};
+use events::personal::{DataKey, DataKeyRef, KEY_LEN};
 use events::{
     AggregateKind, CourseDetails, Decoded, Enrollment, Event, EventMetadata, EventPayload,
     StudentDetails, TraceContext, decode, decode_sealed, encode, encode_sealed,
@@ -154,6 +154,14 @@ fn there_is_a_v1_fixture_for_every_event_type() {
     }
 }
 
+/// Where the v2 fixtures say their student's data key is kept.
+fn v2_key_ref() -> DataKeyRef {
+    DataKeyRef {
+        block: uuid("0193a1c2-0000-7000-8000-0000000000d0"),
+        slot: 3,
+    }
+}
+
 /// The data key of the v2 fixtures' student, committed next to them (hex, 32 bytes).
 fn v2_student_key() -> DataKey {
     let path =
@@ -208,7 +216,8 @@ fn every_v2_fixture_opens_with_its_students_key_and_reads_as_erased_without_it()
     for (name, expected) in expected_v2_events() {
         let path = fixture_path("v2", name);
         if writing && !path.exists() {
-            std::fs::write(&path, encode_sealed(&expected, &key)).expect("write fixture");
+            std::fs::write(&path, encode_sealed(&expected, v2_key_ref(), &key))
+                .expect("write fixture");
         }
         let bytes = std::fs::read(&path)
             .unwrap_or_else(|e| panic!("fixture {} is missing: {e}", path.display()));
@@ -227,6 +236,7 @@ fn every_v2_fixture_opens_with_its_students_key_and_reads_as_erased_without_it()
             }
             Decoded::Sealed(sealed) => {
                 assert_eq!(sealed.student(), expected.metadata.aggregate_id, "{name}");
+                assert_eq!(sealed.key(), v2_key_ref(), "{name}");
                 assert_eq!(sealed.event_type(), expected.payload.event_type(), "{name}");
                 let opened = sealed
                     .clone()
