@@ -2,14 +2,15 @@
 //! a student's sealed personal fields opened with its data key, or read as erased once the
 //! key is destroyed (see `events::personal` and [`crate::data_keys`]).
 //!
-//! No data key is cached: an erasure in one process must stop every other process from
-//! opening that student's fields at once, so each sealed event asks the bucket.
+//! Keys come from [`DataKeys`]: the process's copies of the key blocks, kept current by a
+//! watch on the bucket, so a destroyed key stops opening anything in every process as soon
+//! as the watch delivers the rewrite (milliseconds), with no round trip per event.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use events::personal::KekRing;
+use events::personal::{DataKeyRef, KekRing};
 use events::{DecodeError, Decoded, Event};
 use uuid::Uuid;
 
@@ -30,6 +31,8 @@ pub enum Personal {
 pub struct ReadEvent {
     pub event: Event,
     pub personal: Personal,
+    /// Where the data key of a sealed event is kept (`None` for plain events).
+    pub key: Option<DataKeyRef>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,10 +41,10 @@ pub enum ReadError {
     Undecodable(#[from] DecodeError),
     #[error("the personal fields are sealed and this reader was given no data keys")]
     NoKeys,
-    /// The key is written before any event sealed with it, so this passes (a lagging
-    /// replica, or an erasure between destroying the key and marking it).
-    #[error("student {0} has no data key (yet)")]
-    KeyMissing(Uuid),
+    /// A key block is written before any event sealed with its keys, so this passes (a
+    /// lagging replica).
+    #[error("key block {} of student {student} is not there (yet)", .key.block)]
+    KeyMissing { student: Uuid, key: DataKeyRef },
     #[error(transparent)]
     Keys(#[from] DataKeyError),
     #[error("event {event} does not open with student {student}'s data key: {reason}")]
@@ -58,7 +61,7 @@ impl ReadError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            ReadError::KeyMissing(_) | ReadError::Keys(DataKeyError::Broker(_))
+            ReadError::KeyMissing { .. } | ReadError::Keys(DataKeyError::Broker(_))
         )
     }
 }
@@ -113,6 +116,11 @@ impl EventReader {
         EventReader { keys: Keys::None }
     }
 
+    /// The data keys behind this reader (the writer seals with the same ones).
+    pub async fn data_keys(&self) -> Result<&DataKeys, ReadError> {
+        self.keys().await
+    }
+
     async fn keys(&self) -> Result<&DataKeys, ReadError> {
         match &self.keys {
             Keys::None => Err(ReadError::NoKeys),
@@ -135,30 +143,36 @@ impl EventReader {
                 return Ok(ReadEvent {
                     event,
                     personal: Personal::Clear,
+                    key: None,
                 });
             }
             Decoded::Sealed(sealed) => sealed,
         };
         let keys = self.keys().await?;
         let student = sealed.student();
-        match keys.lookup(student).await? {
-            KeyLookup::Key(key) => {
+        let key = sealed.key();
+        match keys.lookup(key).await? {
+            KeyLookup::Key(data_key) => {
                 let event = sealed.metadata().event_id;
-                let opened = sealed.open(&key).map_err(|error| ReadError::Rejected {
-                    event,
-                    student,
-                    reason: error.to_string(),
-                })?;
+                let opened = sealed
+                    .open(&data_key)
+                    .map_err(|error| ReadError::Rejected {
+                        event,
+                        student,
+                        reason: error.to_string(),
+                    })?;
                 Ok(ReadEvent {
                     event: opened,
                     personal: Personal::Opened,
+                    key: Some(key),
                 })
             }
             KeyLookup::Erased => Ok(ReadEvent {
                 event: sealed.erased(),
                 personal: Personal::Erased,
+                key: Some(key),
             }),
-            KeyLookup::Missing => Err(ReadError::KeyMissing(student)),
+            KeyLookup::Missing => Err(ReadError::KeyMissing { student, key }),
         }
     }
 }
@@ -226,7 +240,11 @@ mod tests {
             (plain.event, plain.personal),
             (event.clone(), Personal::Clear)
         );
-        let sealed = events::encode_sealed(&event, &events::personal::DataKey::generate());
+        let key_ref = DataKeyRef {
+            block: Uuid::now_v7(),
+            slot: 0,
+        };
+        let sealed = events::encode_sealed(&event, key_ref, &events::personal::DataKey::generate());
         let error = reader.read(&sealed).await.expect_err("sealed");
         assert!(matches!(error, ReadError::NoKeys), "{error}");
         assert!(!error.is_transient());
