@@ -266,6 +266,19 @@ impl CommandService {
             }
             Err(error) => Err(error.into()),
         };
+        let result = match (command, result) {
+            // The erasure is recorded (now, by an earlier attempt, or before): destroy the
+            // key. An erasure is answered only once its key is gone; a failure here is a
+            // 503, and the retry (which finds the erasure recorded) destroys it again.
+            (
+                Command::EraseStudent { student_id },
+                result @ (Ok(_) | Err(CommandError::EarlierAttemptStored(_))),
+            ) => match self.aggregates.destroy_student_keys(*student_id).await {
+                Ok(()) => result,
+                Err(reason) => Err(CommandError::Unavailable(reason)),
+            },
+            (_, result) => result,
+        };
         let label = match &result {
             Ok(accepted) if accepted.appended == 0 => "unchanged",
             Ok(_) => "accepted",
@@ -466,18 +479,18 @@ impl CommandService {
                 .map_err(CommandError::Unavailable)?;
             let snapshot = planned.snapshot;
             let started = Instant::now();
-            let appended = self.aggregates.store().append(&events, &versions).await;
+            let appended = self.aggregates.append(&events, &versions).await;
             let kind = if events.len() == 1 { "single" } else { "batch" };
             self.metrics.append_duration.record(
                 started.elapsed().as_secs_f64(),
                 &[KeyValue::new("append", kind)],
             );
             match appended {
-                Ok(sequences) => {
+                Ok((sequences, keys)) => {
                     for (change, sequence) in changes.iter().zip(&sequences) {
                         versions.insert(change.aggregate, *sequence);
                     }
-                    self.aggregates.remember_all(&snapshot, &versions);
+                    self.aggregates.remember_all(&snapshot, &versions, &keys);
                     return Ok(Accepted {
                         target_version: versions.get(&target).copied().unwrap_or(0),
                         position: sequences.last().copied().unwrap_or(0),

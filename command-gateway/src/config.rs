@@ -29,6 +29,14 @@ pub struct Config {
     /// Largest accepted request body in bytes.
     #[arg(long, env = "BODY_LIMIT_BYTES", default_value_t = 64 * 1024)]
     pub body_limit_bytes: usize,
+    /// File of key-encryption keys (lines `<id>:<64 hex digits>`, the first wraps new data
+    /// keys): required, the gateway does not start without it.
+    #[arg(long, env = "KEK_FILE")]
+    pub kek_file: Option<std::path::PathBuf>,
+    /// Writes students' names in the clear: only for the benchmark's figure without
+    /// encryption, never in a deployment (hidden; logged loudly when set).
+    #[arg(long, env = "UNSEALED_FOR_BENCHMARK", hide = true)]
+    pub unsealed_for_benchmark: bool,
     #[command(flatten)]
     pub nats: NatsArgs,
 }

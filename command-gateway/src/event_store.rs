@@ -13,8 +13,12 @@ use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::{DirectGetErrorKind, RawMessageErrorKind};
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 use bytes::Bytes;
+use events::personal::{DataKeyRef, KekRing};
 use events::{Event, EventPayload, StreamNames};
 use serde::Deserialize;
+use service_kit::data_keys::KeyLookup;
+use service_kit::event_reader::EventReader;
+use std::sync::Arc;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
@@ -117,7 +121,21 @@ pub struct EventStore {
     client: async_nats::Client,
     jetstream: jetstream::Context,
     names: StreamNames,
+    /// Seals a student's personal fields with its data key on the way out, opens them on
+    /// the way in (the one reading path).
+    reader: EventReader,
+    /// Off only for the benchmark's figure without encryption (`--unsealed-for-benchmark`).
+    seal: bool,
     batches: std::sync::Arc<Semaphore>,
+}
+
+/// One event of an aggregate as read back.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub sequence: u64,
+    pub payload: EventPayload,
+    /// Where the data key of a sealed student event is kept.
+    pub key: Option<DataKeyRef>,
 }
 
 /// What the broker answers to an atomic batch commit.
@@ -140,8 +158,10 @@ struct BrokerError {
 }
 
 impl EventStore {
-    pub fn new(jetstream: jetstream::Context, names: StreamNames) -> Self {
+    pub fn new(jetstream: jetstream::Context, names: StreamNames, kek: Arc<KekRing>) -> Self {
         EventStore {
+            reader: EventReader::lazy(jetstream.clone(), names.clone(), kek),
+            seal: true,
             client: jetstream.client(),
             jetstream,
             names,
@@ -149,8 +169,20 @@ impl EventStore {
         }
     }
 
+    /// Writes personal fields in the clear (schema version 1), for the benchmark's figure
+    /// without encryption only: never in a deployment.
+    pub fn unsealed_for_benchmark(mut self) -> Self {
+        self.seal = false;
+        self
+    }
+
     pub fn names(&self) -> &StreamNames {
         &self.names
+    }
+
+    /// The one reading path this store reads with (its data keys seal what it writes).
+    pub fn reader(&self) -> &EventReader {
+        &self.reader
     }
 
     fn subject(&self, aggregate: AggregateId) -> String {
@@ -164,7 +196,7 @@ impl EventStore {
         aggregate: AggregateId,
         after: u64,
         from: ReadFrom,
-    ) -> Result<Vec<(u64, EventPayload)>, LoadError> {
+    ) -> Result<Vec<Loaded>, LoadError> {
         let subject = self.subject(aggregate);
         let stream = self
             .jetstream
@@ -177,12 +209,27 @@ impl EventStore {
             .await
             .map_err(LoadError::Unavailable)?
         {
-            let event = events::decode(&message.payload).map_err(|e| LoadError::Undecodable {
-                subject: subject.clone(),
+            let read = match self.reader.read(&message.payload).await {
+                Ok(read) => read,
+                Err(error) if error.is_transient() => {
+                    return Err(LoadError::Unavailable(format!(
+                        "event {} on {subject}: {error}",
+                        message.sequence
+                    )));
+                }
+                Err(error) => {
+                    return Err(LoadError::Undecodable {
+                        subject: subject.clone(),
+                        sequence: message.sequence,
+                        reason: error.to_string(),
+                    });
+                }
+            };
+            events.push(Loaded {
                 sequence: message.sequence,
-                reason: e.to_string(),
-            })?;
-            events.push((message.sequence, event.payload));
+                payload: read.event.payload,
+                key: read.key,
+            });
             next = message.sequence + 1;
         }
         Ok(events)
@@ -191,16 +238,73 @@ impl EventStore {
     /// Appends `events` (in order) if every aggregate they touch is still at the version in
     /// `expected` (0: no event yet). Several events are one atomic batch: all are stored or
     /// none. Returns the stream sequence of each event.
+    ///
+    /// A student's registration or update is sealed with the data key `keys` names for it;
+    /// a student without one (a new one, or one written before sealing) gets a new key,
+    /// added to `keys`.
     pub async fn append(
         &self,
         events: &[Event],
         expected: &BTreeMap<AggregateId, u64>,
+        keys: &mut BTreeMap<Uuid, DataKeyRef>,
     ) -> Result<Vec<u64>, AppendError> {
+        let mut encoded = Vec::with_capacity(events.len());
+        for event in events {
+            encoded.push(Bytes::from(self.encode(event, keys).await?));
+        }
         match events {
             [] => Ok(Vec::new()),
-            [event] => self.append_one(event, expected).await.map(|seq| vec![seq]),
-            _ => self.append_batch(events, expected).await,
+            [event] => self
+                .append_one(event, encoded.swap_remove(0), expected)
+                .await
+                .map(|seq| vec![seq]),
+            _ => self.append_batch(events, &encoded, expected).await,
         }
+    }
+
+    /// A student's registration or update sealed with its data key, every other event as
+    /// it is.
+    async fn encode(
+        &self,
+        event: &Event,
+        keys: &mut BTreeMap<Uuid, DataKeyRef>,
+    ) -> Result<Vec<u8>, AppendError> {
+        let personal = matches!(
+            event.payload,
+            EventPayload::StudentRegistered(_) | EventPayload::StudentUpdated(_)
+        );
+        if !personal || !self.seal {
+            return Ok(events::encode(event));
+        }
+        let unavailable = |e: &dyn std::fmt::Display| {
+            AppendError::Unavailable(format!("the student's data key: {e}"))
+        };
+        let data_keys = self.reader.data_keys().await.map_err(|e| unavailable(&e))?;
+        let student = event.metadata.aggregate_id;
+        let (key_ref, key) = match keys.get(&student) {
+            Some(&key_ref) => match data_keys
+                .lookup(key_ref)
+                .await
+                .map_err(|e| unavailable(&e))?
+            {
+                KeyLookup::Key(key) => (key_ref, key),
+                // Erased meanwhile: the decision read a student that is gone; deciding again
+                // reads its deletion.
+                KeyLookup::Erased => return Err(AppendError::Conflict),
+                KeyLookup::Missing => {
+                    return Err(AppendError::Unavailable(format!(
+                        "key block {} is not there (yet)",
+                        key_ref.block
+                    )));
+                }
+            },
+            None => {
+                let (key_ref, key) = data_keys.allocate().await.map_err(|e| unavailable(&e))?;
+                keys.insert(student, key_ref);
+                (key_ref, key)
+            }
+        };
+        Ok(events::encode_sealed(event, key_ref, &key))
     }
 
     /// Headers of one event: dedup id, type, trace context, and the expected version on the
@@ -233,13 +337,14 @@ impl EventStore {
     async fn append_one(
         &self,
         event: &Event,
+        payload: Bytes,
         expected: &BTreeMap<AggregateId, u64>,
     ) -> Result<u64, AppendError> {
         let aggregate = Self::aggregate_of(event);
         let subject = self.subject(aggregate);
         let version = expected.get(&aggregate).copied().unwrap_or(0);
         let message = PublishMessage::build()
-            .payload(Bytes::from(events::encode(event)))
+            .payload(payload)
             .headers(Self::headers(event, Some(version)));
         let ack = self
             .jetstream
@@ -264,6 +369,7 @@ impl EventStore {
     async fn append_batch(
         &self,
         events: &[Event],
+        encoded: &[Bytes],
         expected: &BTreeMap<AggregateId, u64>,
     ) -> Result<Vec<u64>, AppendError> {
         let _permit = self
@@ -273,7 +379,7 @@ impl EventStore {
             .map_err(|e| AppendError::Unavailable(e.to_string()))?;
         let mut pause = BATCH_RETRY_FIRST_PAUSE;
         for retry in 0..=BATCH_RETRIES {
-            let ack = self.send_batch(events, expected).await?;
+            let ack = self.send_batch(events, encoded, expected).await?;
             match ack.error {
                 Some(error)
                     if matches!(error.err_code, BATCH_TOO_MANY_IN_FLIGHT | BATCH_INCOMPLETE)
@@ -299,6 +405,7 @@ impl EventStore {
     async fn send_batch(
         &self,
         events: &[Event],
+        encoded: &[Bytes],
         expected: &BTreeMap<AggregateId, u64>,
     ) -> Result<BatchAck, AppendError> {
         let batch_id = Uuid::new_v4().simple().to_string();
@@ -314,7 +421,7 @@ impl EventStore {
             headers.insert(NATS_BATCH_ID, batch_id.as_str());
             headers.insert(NATS_BATCH_SEQUENCE, (index + 1).to_string().as_str());
             let subject = self.subject(aggregate);
-            let payload = Bytes::from(events::encode(event));
+            let payload = encoded[index].clone();
             if index < last {
                 self.client
                     .publish_with_headers(subject, headers, payload)

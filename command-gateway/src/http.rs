@@ -67,13 +67,24 @@ pub fn router(state: AppState, keys: ApiKeys, body_limit_bytes: usize) -> Router
         )
         .route_layer(middleware::from_fn_with_state(
             ScopeGuard {
-                keys,
+                keys: keys.clone(),
                 needed: Scope::Write,
+            },
+            require_scope,
+        ));
+    // Erasure cannot be undone: it takes a key of its own scope, not any write key.
+    let erasures = Router::new()
+        .route("/api/students/{id}/erasure", post(erase_student))
+        .route_layer(middleware::from_fn_with_state(
+            ScopeGuard {
+                keys,
+                needed: Scope::Erase,
             },
             require_scope,
         ));
     Router::new()
         .merge(writes)
+        .merge(erasures)
         .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(readyz))
@@ -299,6 +310,30 @@ pub async fn delete_student(
 }
 
 #[utoipa::path(
+    post,
+    path = "/api/students/{id}/erasure",
+    tag = "students",
+    params(
+        ("id" = uuid::Uuid, Path, description = "Id of the student"),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1, max_length = 128, pattern = "^[!-~]+$", description = "Retries with this key get the first outcome: 1 to 128 visible ASCII characters"),
+    ),
+    responses((status = 204, description = "Erased for good: deleted (its courses forget it) if it was not, its data key destroyed, so no replay, redrive or tool can show its names again. Erasing an erased student answers the same", headers(("etag" = String, description = "Aggregate version"), ("x-consistency-token" = String, description = "Stream position to wait for on reads"))), CommandErrors)
+)]
+/// Needs an API key of the `erase` scope.
+pub async fn erase_student(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let fingerprint = fingerprint(&format!("POST /api/students/{id}/erasure"), &(), &headers);
+    run(state, headers, fingerprint, move || {
+        let student_id = path_id(&id, "student")?;
+        Ok((Command::EraseStudent { student_id }, Answer::NoContent))
+    })
+    .await
+}
+
+#[utoipa::path(
     put,
     path = "/api/students/{id}/courses/{course_id}",
     tag = "enrollments",
@@ -471,6 +506,7 @@ where
                         .unwrap_or_default();
                     match state.idempotency.begin(client, key, fingerprint).await {
                         Ok(Begin::Replay(outcome)) => {
+                            let outcome = with_personal_fields(&state, outcome).await;
                             return Ok(outcome.with_header(IDEMPOTENT_REPLAY_HEADER, "true"));
                         }
                         Ok(Begin::Claimed(claim)) => Some(claim),
@@ -545,6 +581,7 @@ impl Answer {
                     Outcome::json(StatusCode::OK, &json!({ "data": student })),
                     accepted,
                 )
+                .with_personal(student_id)
             }
             Answer::Course(course_id) => {
                 let course = accepted.snapshot.course(course_id).active().map(|c| {
@@ -632,7 +669,8 @@ async fn decide(
                             sequence = stored.first_sequence,
                             "an earlier attempt of this request is stored; answering it"
                         );
-                        (earlier_answer(attempt, stored.first_sequence), true)
+                        let answer = earlier_answer(attempt, stored.first_sequence);
+                        (with_personal_fields(state, answer).await, true)
                     }
                     None => (Problem::internal().into(), false),
                 };
@@ -653,6 +691,26 @@ async fn decide(
     match result {
         Ok(accepted) => (answer.render(&accepted), false),
         Err(error) => (command_error(error).into(), false),
+    }
+}
+
+/// A stored outcome with the student's personal fields it left out filled in again, as
+/// they were at the version its `ETag` names (`null` once the student is erased).
+async fn with_personal_fields(state: &AppState, outcome: Outcome) -> Outcome {
+    let (Some(student), Some(version)) = (outcome.personal, outcome.etag_version()) else {
+        return outcome;
+    };
+    match state
+        .commands
+        .aggregates()
+        .student_details_at(student, version)
+        .await
+    {
+        Ok(details) => outcome.with_personal_fields(details.as_ref()),
+        Err(error) => {
+            tracing::warn!(%error, "reading a student for a stored answer failed");
+            Problem::unavailable("the event store is unavailable; retry").into()
+        }
     }
 }
 

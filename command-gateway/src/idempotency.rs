@@ -273,7 +273,11 @@ impl IdempotencyStore {
     /// their race, so nothing of them is stored). `Err`: the append must not be sent.
     pub async fn record_attempt(&self, claim: &mut Claim, attempt: Attempt) -> Result<(), String> {
         let mut attempts = claim.earlier.clone();
-        attempts.push(attempt);
+        // Kept for a day where no erasure reaches: without the student's names.
+        attempts.push(Attempt {
+            outcome: attempt.outcome.without_personal(),
+            ..attempt
+        });
         if attempts.len() > MAX_ATTEMPTS_KEPT {
             tracing::warn!(key = %claim.kv_key, "too many unconfirmed appends for one key; forgetting the oldest");
             attempts.drain(..attempts.len() - MAX_ATTEMPTS_KEPT);
@@ -305,7 +309,8 @@ impl IdempotencyStore {
         }
         let result = match encode(&Record::Done {
             fingerprint: claim.fingerprint,
-            outcome: outcome.clone(),
+            // Kept for a day where no erasure reaches: without the student's names.
+            outcome: outcome.without_personal(),
         }) {
             Ok(record) => match self.bucket().await {
                 Ok(bucket) => bucket

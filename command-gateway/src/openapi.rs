@@ -142,6 +142,7 @@ pub enum CommandErrors {
         crate::http::register_student,
         crate::http::replace_student,
         crate::http::delete_student,
+        crate::http::erase_student,
         crate::http::enroll,
         crate::http::unenroll,
         crate::http::create_course,

@@ -1,5 +1,6 @@
-//! API-key authentication (`x-api-key`, as the replaced system's Kong key-auth) with a read
-//! and a write scope, and a per-key request rate limit. Keys are compared in constant time.
+//! API-key authentication (`x-api-key`, as the replaced system's Kong key-auth) with read,
+//! write and erase scopes, and a per-key request rate limit. Keys are compared in constant
+//! time.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,11 +17,29 @@ use crate::problem::Problem;
 /// Header carrying the key.
 pub const API_KEY_HEADER: &str = "x-api-key";
 
-/// What a key may do. A write key may also read.
+/// What a key may do. A write key may also read. An erase key may read and erase a
+/// student's personal data, nothing else: erasure cannot be undone, so the keys that may do
+/// it are not the keys every writing client holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Scope {
     Read,
     Write,
+    Erase,
+}
+
+impl Scope {
+    /// Whether a key of this scope may use a route that needs `needed`.
+    pub fn allows(self, needed: Scope) -> bool {
+        self == needed || needed == Scope::Read
+    }
+
+    fn refusal(self) -> &'static str {
+        match self {
+            Scope::Read => "this API key may only read",
+            Scope::Write => "this API key may not erase personal data (that needs an erase key)",
+            Scope::Erase => "this API key may only read and erase personal data",
+        }
+    }
 }
 
 /// The configured keys, each with its own rate budget.
@@ -48,7 +67,7 @@ impl std::fmt::Debug for ApiKeys {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ApiKeysError {
-    #[error("entry {0} is not `read:KEY` or `write:KEY`")]
+    #[error("entry {0} is not `read:KEY`, `write:KEY` or `erase:KEY`")]
     BadEntry(usize),
     #[error("entry {0} has a key shorter than 8 characters")]
     ShortKey(usize),
@@ -70,6 +89,7 @@ impl std::str::FromStr for ApiKeys {
             let scope = match scope {
                 "read" => Scope::Read,
                 "write" => Scope::Write,
+                "erase" => Scope::Erase,
                 _ => return Err(ApiKeysError::BadEntry(index)),
             };
             if key.chars().count() < 8 {
@@ -135,10 +155,10 @@ impl ApiKeys {
         let configured = self
             .find(presented)
             .ok_or_else(|| unauthorized().with_detail("unknown API key"))?;
-        if configured.scope < needed {
+        if !configured.scope.allows(needed) {
             return Err(
                 Problem::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden")
-                    .with_detail("this API key may only read"),
+                    .with_detail(configured.scope.refusal()),
             );
         }
         if let Some(limit) = self.limit {
@@ -292,6 +312,29 @@ mod tests {
             .authorize(Some(b"reader-key-1"), Scope::Write)
             .expect_err("forbidden");
         assert_eq!(err.status, StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn only_an_erase_key_erases_and_it_may_do_nothing_else_but_read() {
+        let keys: ApiKeys = "write:writer-key-1, read:reader-key-1, erase:eraser-key-1"
+            .parse()
+            .expect("valid keys");
+        assert_eq!(
+            keys.authorize(Some(b"eraser-key-1"), Scope::Erase),
+            Ok(Scope::Erase)
+        );
+        assert_eq!(
+            keys.authorize(Some(b"eraser-key-1"), Scope::Read),
+            Ok(Scope::Erase)
+        );
+        for (key, needed) in [
+            (&b"eraser-key-1"[..], Scope::Write),
+            (b"writer-key-1", Scope::Erase),
+            (b"reader-key-1", Scope::Erase),
+        ] {
+            let err = keys.authorize(Some(key), needed).expect_err("forbidden");
+            assert_eq!(err.status, StatusCode::FORBIDDEN, "{needed:?}");
+        }
     }
 
     #[test]

@@ -48,6 +48,11 @@ pub enum Command {
     DeleteStudent {
         student_id: Uuid,
     },
+    /// Deletes the student as `DeleteStudent` does (if it is not deleted yet) and records
+    /// that its personal data is erased; the gateway then destroys its data key.
+    EraseStudent {
+        student_id: Uuid,
+    },
     CreateCourse {
         course_id: Uuid,
         draft: CourseDraft,
@@ -72,10 +77,11 @@ pub enum Command {
 impl Command {
     /// A short name, for metrics and logs.
     /// Every value of [`Command::name`], so metrics can show each command at zero.
-    pub const NAMES: [&'static str; 8] = [
+    pub const NAMES: [&'static str; 9] = [
         "register_student",
         "replace_student",
         "delete_student",
+        "erase_student",
         "create_course",
         "replace_course",
         "delete_course",
@@ -88,6 +94,7 @@ impl Command {
             Command::RegisterStudent { .. } => "register_student",
             Command::ReplaceStudent { .. } => "replace_student",
             Command::DeleteStudent { .. } => "delete_student",
+            Command::EraseStudent { .. } => "erase_student",
             Command::CreateCourse { .. } => "create_course",
             Command::ReplaceCourse { .. } => "replace_course",
             Command::DeleteCourse { .. } => "delete_course",
@@ -102,6 +109,7 @@ impl Command {
             Command::RegisterStudent { student_id, .. }
             | Command::ReplaceStudent { student_id, .. }
             | Command::DeleteStudent { student_id }
+            | Command::EraseStudent { student_id }
             | Command::Enroll { student_id, .. }
             | Command::Unenroll { student_id, .. } => AggregateId::student(*student_id),
             Command::CreateCourse { course_id, .. }
@@ -130,11 +138,13 @@ impl Command {
                     .map(AggregateId::course)
                     .collect()
             }
-            Command::DeleteStudent { student_id } => snapshot
-                .student_course_ids(*student_id)
-                .into_iter()
-                .map(AggregateId::course)
-                .collect(),
+            Command::DeleteStudent { student_id } | Command::EraseStudent { student_id } => {
+                snapshot
+                    .student_course_ids(*student_id)
+                    .into_iter()
+                    .map(AggregateId::course)
+                    .collect()
+            }
             Command::CreateCourse { draft, .. } => draft
                 .student_ids
                 .iter()
@@ -259,6 +269,24 @@ fn both_sides(changes: &mut Vec<Change>, enrollment: Enrollment, enrolled: bool)
     });
 }
 
+/// The student's deletion: the student's event, and the courses forgetting it, in the same
+/// atomic append.
+fn delete_student(changes: &mut Vec<Change>, student_id: Uuid, student: &student::ActiveStudent) {
+    changes.push(Change {
+        aggregate: AggregateId::student(student_id),
+        payload: EventPayload::StudentDeleted,
+    });
+    for &course_id in &student.course_ids {
+        changes.push(Change {
+            aggregate: AggregateId::course(course_id),
+            payload: EventPayload::StudentUnenrolled(Enrollment {
+                student_id,
+                course_id,
+            }),
+        });
+    }
+}
+
 /// Decides the events a command produces against the states it reads, or why it may not.
 /// An empty list means the command changes nothing (it asks for what already is).
 pub fn decide(command: &Command, snapshot: &Snapshot) -> Result<Vec<Change>, DomainError> {
@@ -305,20 +333,23 @@ pub fn decide(command: &Command, snapshot: &Snapshot) -> Result<Vec<Change>, Dom
                 .student(*student_id)
                 .active()
                 .ok_or(DomainError::NotFound(target))?;
+            delete_student(&mut changes, *student_id, student);
+        }
+        Command::EraseStudent { student_id } => {
+            match snapshot.student(*student_id) {
+                StudentState::Absent => return Err(DomainError::NotFound(target)),
+                // Erased already: nothing more to record (the key is destroyed again, which
+                // changes nothing either).
+                StudentState::Erased => return Ok(changes),
+                StudentState::Active(student) => {
+                    delete_student(&mut changes, *student_id, student);
+                }
+                StudentState::Deleted => {}
+            }
             changes.push(Change {
                 aggregate: target,
-                payload: EventPayload::StudentDeleted,
+                payload: EventPayload::StudentErased,
             });
-            // The courses forget the student too, in the same atomic append.
-            for &course_id in &student.course_ids {
-                changes.push(Change {
-                    aggregate: AggregateId::course(course_id),
-                    payload: EventPayload::StudentUnenrolled(Enrollment {
-                        student_id: *student_id,
-                        course_id,
-                    }),
-                });
-            }
         }
         Command::CreateCourse { course_id, draft } => {
             if snapshot.course(*course_id) != &CourseState::Absent {

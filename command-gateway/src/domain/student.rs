@@ -60,6 +60,8 @@ pub enum StudentState {
     Absent,
     Active(ActiveStudent),
     Deleted,
+    /// Deleted, and its personal data erased (its data key destroyed).
+    Erased,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,7 +74,7 @@ impl StudentState {
     pub fn active(&self) -> Option<&ActiveStudent> {
         match self {
             StudentState::Active(student) => Some(student),
-            StudentState::Absent | StudentState::Deleted => None,
+            StudentState::Absent | StudentState::Deleted | StudentState::Erased => None,
         }
     }
 }
@@ -88,8 +90,9 @@ pub fn evolve(state: StudentState, event: &EventPayload) -> StudentState {
             student.details = details.clone();
             StudentState::Active(student)
         }
-        // An erasure follows the deletion and changes nothing the gateway decides on.
-        (_, EventPayload::StudentDeleted | EventPayload::StudentErased) => StudentState::Deleted,
+        (_, EventPayload::StudentDeleted) => StudentState::Deleted,
+        // An erasure follows the deletion (in the same append, or a later one).
+        (_, EventPayload::StudentErased) => StudentState::Erased,
         (StudentState::Active(mut student), EventPayload::StudentEnrolled(e)) => {
             student.course_ids.insert(e.course_id);
             StudentState::Active(student)
