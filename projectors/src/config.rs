@@ -42,8 +42,8 @@ pub struct Config {
     #[arg(long, env = "PROJECTOR_REPLICA_NAME")]
     pub projector_replica_name: Option<String>,
     /// File of key-encryption keys (lines `<id>:<64 hex digits>`) that open the students'
-    /// data keys, for events whose personal fields are sealed. Without it a sealed event
-    /// stops the students projection (logged) until the file is given.
+    /// data keys, for events whose personal fields are sealed: required, the projectors do
+    /// not start without it.
     #[arg(long, env = "KEK_FILE")]
     pub kek_file: Option<std::path::PathBuf>,
     #[command(flatten)]

@@ -14,6 +14,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     service_kit::logging::init();
+    // The students' names are sealed: without the KEK no event of theirs can be applied, so
+    // the process does not start.
+    let kek = service_kit::event_reader::load_kek_ring(config.kek_file.as_deref())?;
     let exporting = service_kit::otlp::init("projectors")?;
     // In the background: NATS may come up after this process (a first install), and until
     // then the projections retry, unready, instead of the process exiting.
@@ -69,19 +72,11 @@ async fn main() -> anyhow::Result<()> {
             config.projection_lease_ms,
         ))
     };
-    let reader = match &config.kek_file {
-        Some(path) => service_kit::event_reader::EventReader::lazy(
-            jetstream.clone(),
-            config.stream_prefix.clone(),
-            service_kit::event_reader::load_kek_ring(Some(path))?,
-        ),
-        None => {
-            tracing::warn!(
-                "KEK_FILE is not set: events with sealed personal fields cannot be applied"
-            );
-            service_kit::event_reader::EventReader::without_keys()
-        }
-    };
+    let reader = service_kit::event_reader::EventReader::lazy(
+        jetstream.clone(),
+        config.stream_prefix.clone(),
+        kek,
+    );
     let students_runner = ProjectionRunner {
         reader: reader.clone(),
         jetstream: jetstream.clone(),

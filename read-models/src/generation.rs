@@ -32,7 +32,7 @@ pub enum Generation {
 }
 
 const NEXT_SUFFIX: &str = "__next";
-const OLD_SUFFIX: &str = "__old";
+pub(crate) const OLD_SUFFIX: &str = "__old";
 
 impl Generation {
     pub fn table(self, base: &str) -> String {

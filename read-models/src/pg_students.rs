@@ -197,9 +197,45 @@ impl PgStudents {
             tx.rollback().await?;
             return Ok(None);
         }
+        self.erase_from_kept_generation(&mut tx, &fresh).await?;
         outcome.checkpoint = outcome.checkpoint.max(through_sequence);
         tx.commit().await?;
         Ok(Some(outcome))
+    }
+
+    /// An erased student leaves the generation a replay kept (`--keep-old`) too: that copy
+    /// was taken before the erasure and still holds the names. Only the live projection
+    /// does this; the tables exist only after such a replay.
+    async fn erase_from_kept_generation(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        fresh: &[&(u64, Event)],
+    ) -> Result<(), sqlx::Error> {
+        let erased: Vec<Uuid> = fresh
+            .iter()
+            .filter(|(_, event)| matches!(event.payload, EventPayload::StudentErased))
+            .map(|(_, event)| event.metadata.aggregate_id)
+            .collect();
+        if erased.is_empty() || self.sql.generation != Generation::Live {
+            return Ok(());
+        }
+        let kept: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(format!("{}{}", TABLES[0], crate::generation::OLD_SUFFIX))
+            .fetch_one(&mut **tx)
+            .await?;
+        if kept {
+            for (table, column) in [("student_courses", "student_id"), ("students", "id")] {
+                let statement = format!(
+                    "DELETE FROM {table}{} WHERE {column} = ANY($1)",
+                    crate::generation::OLD_SUFFIX
+                );
+                sqlx::query(AssertSqlSafe(statement))
+                    .bind(&erased)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     /// Replaces one student's rows by the fold of its history (every event of its subject up
