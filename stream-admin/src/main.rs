@@ -22,8 +22,9 @@ struct Cli {
     /// Prefix of every stream, subject and bucket name.
     #[arg(long, env = "STREAM_PREFIX", default_value = "school", global = true)]
     stream_prefix: StreamNames,
-    /// File of key-encryption keys (lines `<id>:<64 hex digits>`) that open the students'
-    /// data keys: `events` shows sealed names with it; without it they are not shown.
+    /// File of key-encryption keys (lines `<id>:<64 hex digits>`, the first wraps) that open
+    /// the students' data keys: needed by `replay`, `dlq redrive` and `keys`; `events` shows
+    /// sealed names with it and says they are sealed without it.
     #[arg(long, env = "KEK_FILE", global = true)]
     kek_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
@@ -108,6 +109,22 @@ enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// The students' data keys (crypto-shredding).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Re-wrap every key block with the first KEK of KEK_FILE. To rotate: put a new KEK first
+    /// in the file (every service reads the file at start, so restart them), run this, then
+    /// remove the old KEK. Events are not touched.
+    Rewrap,
+    /// Erase key-block revisions a crash left behind between a rewrite and its erasure (each
+    /// may hold a destroyed key).
+    Sweep,
 }
 
 #[derive(Debug, Subcommand)]
@@ -200,6 +217,18 @@ async fn main() -> anyhow::Result<()> {
         ),
         None => EventReader::without_keys(),
     };
+    // Without the KEK a replay or redrive could not open a single sealed name: refuse before
+    // touching anything, rather than rebuild a model without them.
+    if matches!(
+        cli.command,
+        Command::Replay { .. }
+            | Command::Keys { .. }
+            | Command::Dlq {
+                command: DlqCommand::Redrive { .. }
+            }
+    ) {
+        service_kit::event_reader::load_kek_ring(cli.kek_file.as_deref())?;
+    }
     match cli.command {
         Command::Apply { .. } => unreachable!("handled above"),
         Command::Status { json, read_models } => {
@@ -269,6 +298,27 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Events { command } => {
             events_command(&jetstream, names, &reader, command).await?;
+        }
+        Command::Keys { command } => {
+            let keys = reader
+                .data_keys()
+                .await
+                .context("the data-key bucket (run `stream-admin apply` first)")?;
+            match command {
+                KeysCommand::Rewrap => {
+                    let report = keys.rewrap_all().await?;
+                    println!(
+                        "{} key blocks re-wrapped with the first KEK, {} already were",
+                        report.rewrapped, report.already_current
+                    );
+                }
+                KeysCommand::Sweep => {
+                    println!(
+                        "{} left-behind key-block revisions erased",
+                        keys.sweep().await?
+                    );
+                }
+            }
         }
     }
     Ok(())
