@@ -310,6 +310,10 @@ pub async fn create_commands(
         ),
         ("RATE_LIMIT_PER_SECOND", "1000000000".to_owned()),
         ("RUST_LOG", "warn".to_owned()),
+        (
+            "KEK_FILE",
+            test_support::test_kek_file().display().to_string(),
+        ),
     ];
     let gateway = Process::start(&bin_dir.join("command-gateway"), &env, None).await?;
     wait_ready(&gateway).await?;

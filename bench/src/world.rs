@@ -43,6 +43,10 @@ impl World {
             // measured but not its refusals.
             ("RATE_LIMIT_PER_SECOND", "1000000000".to_owned()),
             ("RUST_LOG", "warn".to_owned()),
+            (
+                "KEK_FILE",
+                test_support::test_kek_file().display().to_string(),
+            ),
         ];
         if with_redis {
             env.push(("REDIS_URL", redis_url()));

@@ -66,7 +66,12 @@ async fn registering_a_student_appends_one_event_and_answers_201_with_its_positi
             .names
             .aggregate_subject(AggregateKind::Student, id)
     );
-    let event = events::decode(&stored.payload).expect("decodes");
+    let event = test_support::read_stored(
+        &gateway.broker.jetstream,
+        &gateway.broker.names,
+        &stored.payload,
+    )
+    .await;
     assert_eq!(event.metadata.aggregate_id, id);
     assert_eq!(
         event.payload,
@@ -397,7 +402,7 @@ async fn a_gateway_started_before_the_topology_waits_unready_and_then_serves() {
         .expect("NATS");
     let jetstream = async_nats::jetstream::new(client.clone());
     let names = events::StreamNames::new(format!("g{}", test_support::unique_suffix()));
-    let state = command_gateway::app_state(client, names.clone())
+    let state = command_gateway::app_state(client, names.clone(), test_support::test_kek())
         .await
         .expect("the state does not need the topology");
     let app = command_gateway::http::router(state, test_support::api_keys(), BODY_LIMIT);

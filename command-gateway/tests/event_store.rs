@@ -54,14 +54,20 @@ async fn stored_messages(broker: &TestBroker) -> u64 {
 #[tokio::test]
 async fn a_second_writer_expecting_the_same_version_loses() {
     let broker = TestBroker::start().await;
-    let store = EventStore::new(broker.jetstream.clone(), broker.names.clone());
+    let store = EventStore::new(
+        broker.jetstream.clone(),
+        broker.names.clone(),
+        test_support::test_kek(),
+    );
     let id = Uuid::now_v7();
     let fresh = BTreeMap::from([(AggregateId::student(id), 0)]);
     store
-        .append(&[registered(id)], &fresh)
+        .append(&[registered(id)], &fresh, &mut BTreeMap::new())
         .await
         .expect("first writer wins");
-    let second = store.append(&[registered(id)], &fresh).await;
+    let second = store
+        .append(&[registered(id)], &fresh, &mut BTreeMap::new())
+        .await;
     assert!(matches!(second, Err(AppendError::Conflict)), "{second:?}");
     broker.cleanup().await;
 }
@@ -69,17 +75,21 @@ async fn a_second_writer_expecting_the_same_version_loses() {
 #[tokio::test]
 async fn a_retried_append_of_the_same_event_is_stored_once() {
     let broker = TestBroker::start().await;
-    let store = EventStore::new(broker.jetstream.clone(), broker.names.clone());
+    let store = EventStore::new(
+        broker.jetstream.clone(),
+        broker.names.clone(),
+        test_support::test_kek(),
+    );
     let event = registered(Uuid::now_v7());
     let fresh = BTreeMap::from([(AggregateId::student(event.metadata.aggregate_id), 0)]);
     let first = store
-        .append(std::slice::from_ref(&event), &fresh)
+        .append(std::slice::from_ref(&event), &fresh, &mut BTreeMap::new())
         .await
         .expect("stored");
     // Same event id (a retry after a lost ack): the store recognises its own event on the
     // subject and answers with the original position instead of a conflict.
     let retry = store
-        .append(&[event], &fresh)
+        .append(&[event], &fresh, &mut BTreeMap::new())
         .await
         .expect("recognised, not a conflict");
     assert_eq!(first, retry);
@@ -90,7 +100,11 @@ async fn a_retried_append_of_the_same_event_is_stored_once() {
 #[tokio::test]
 async fn a_batch_over_two_aggregates_is_stored_whole_at_consecutive_sequences() {
     let broker = TestBroker::start().await;
-    let store = EventStore::new(broker.jetstream.clone(), broker.names.clone());
+    let store = EventStore::new(
+        broker.jetstream.clone(),
+        broker.names.clone(),
+        test_support::test_kek(),
+    );
     let (student, course) = (Uuid::now_v7(), Uuid::now_v7());
     let batch = vec![
         registered(student),
@@ -101,7 +115,10 @@ async fn a_batch_over_two_aggregates_is_stored_whole_at_consecutive_sequences() 
         (AggregateId::student(student), 0),
         (AggregateId::course(course), 0),
     ]);
-    let sequences = store.append(&batch, &expected).await.expect("stored");
+    let sequences = store
+        .append(&batch, &expected, &mut BTreeMap::new())
+        .await
+        .expect("stored");
     assert_eq!(sequences, vec![1, 2, 3]);
 
     // Each aggregate's subject holds exactly its own events.
@@ -110,14 +127,20 @@ async fn a_batch_over_two_aggregates_is_stored_whole_at_consecutive_sequences() 
         .await
         .expect("load");
     assert_eq!(
-        on_student.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+        on_student.iter().map(|e| e.sequence).collect::<Vec<_>>(),
         vec![1, 2]
     );
     let on_course = store
         .load(AggregateId::course(course), 0, ReadFrom::Leader)
         .await
         .expect("load");
-    assert_eq!(on_course, vec![(3, batch[2].payload.clone())]);
+    assert_eq!(
+        on_course
+            .iter()
+            .map(|e| (e.sequence, e.payload.clone()))
+            .collect::<Vec<_>>(),
+        vec![(3, batch[2].payload.clone())]
+    );
     assert!(
         store
             .load(AggregateId::course(course), 3, ReadFrom::Leader)
@@ -127,7 +150,10 @@ async fn a_batch_over_two_aggregates_is_stored_whole_at_consecutive_sequences() 
     );
 
     // The same batch again (a retry after a lost ack) is recognised, not stored twice.
-    let retry = store.append(&batch, &expected).await.expect("recognised");
+    let retry = store
+        .append(&batch, &expected, &mut BTreeMap::new())
+        .await
+        .expect("recognised");
     assert_eq!(retry, sequences);
     assert_eq!(stored_messages(&broker).await, 3);
     broker.cleanup().await;
@@ -136,12 +162,17 @@ async fn a_batch_over_two_aggregates_is_stored_whole_at_consecutive_sequences() 
 #[tokio::test]
 async fn a_batch_with_one_stale_expectation_stores_nothing() {
     let broker = TestBroker::start().await;
-    let store = EventStore::new(broker.jetstream.clone(), broker.names.clone());
+    let store = EventStore::new(
+        broker.jetstream.clone(),
+        broker.names.clone(),
+        test_support::test_kek(),
+    );
     let (student, course) = (Uuid::now_v7(), Uuid::now_v7());
     store
         .append(
             &[registered(student)],
             &BTreeMap::from([(AggregateId::student(student), 0)]),
+            &mut BTreeMap::new(),
         )
         .await
         .expect("registered");
@@ -154,7 +185,7 @@ async fn a_batch_with_one_stale_expectation_stores_nothing() {
         (AggregateId::student(student), 0),
         (AggregateId::course(course), 0),
     ]);
-    let result = store.append(&batch, &stale).await;
+    let result = store.append(&batch, &stale, &mut BTreeMap::new()).await;
     assert!(matches!(result, Err(AppendError::Conflict)), "{result:?}");
     assert_eq!(
         stored_messages(&broker).await,
@@ -182,7 +213,11 @@ async fn a_batch_over_the_brokers_in_flight_limit_waits_and_is_stored() {
     )
     .await;
     let broker = server.broker().await;
-    let store = EventStore::new(broker.jetstream.clone(), broker.names.clone());
+    let store = EventStore::new(
+        broker.jetstream.clone(),
+        broker.names.clone(),
+        test_support::test_kek(),
+    );
 
     // Another writer's batch holds the only slot for 400 ms, then commits.
     let other = registered(Uuid::now_v7());
@@ -227,7 +262,7 @@ async fn a_batch_over_the_brokers_in_flight_limit_waits_and_is_stored() {
         (AggregateId::student(student), 0),
         (AggregateId::course(course), 0),
     ]);
-    let stored = store.append(&batch, &expected).await;
+    let stored = store.append(&batch, &expected, &mut BTreeMap::new()).await;
     let held = holder.await.expect("holder");
     assert!(held.contains("\"seq\""), "the held batch committed: {held}");
     let sequences = stored.expect("the batch waited for a slot instead of failing");

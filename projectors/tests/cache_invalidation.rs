@@ -79,7 +79,11 @@ async fn entries_are_marked_stale_after_commit_and_a_redis_outage_does_not_stop_
     let cache = Arc::new(RedisInvalidator::new(&redis.url(), "students").expect("redis url"));
     let (stop, stopped) = oneshot::channel::<()>();
     let runner = ProjectionRunner {
-        reader: service_kit::event_reader::EventReader::without_keys(),
+        reader: service_kit::event_reader::EventReader::lazy(
+            broker.jetstream.clone(),
+            broker.names.clone(),
+            test_support::test_kek(),
+        ),
         jetstream: broker.jetstream.clone(),
         names: broker.names.clone(),
         store: store.clone(),

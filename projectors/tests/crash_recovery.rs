@@ -46,9 +46,13 @@ async fn sigkill_mid_batch_under_load(courses_url: Option<String>) {
     };
     let broker = TestBroker::start().await;
     let db = TestDatabase::create().await;
-    let state = command_gateway::app_state(broker.client.clone(), broker.names.clone())
-        .await
-        .expect("command side");
+    let state = command_gateway::app_state(
+        broker.client.clone(),
+        broker.names.clone(),
+        test_support::test_kek(),
+    )
+    .await
+    .expect("command side");
     let commands: Arc<CommandService> = state.commands.clone();
     // While the first half of the load streams in, a supervisor starts the projectors,
     // lets them consume for a moment and kills them with SIGKILL, over and over.

@@ -135,9 +135,13 @@ async fn a_standby_takes_over_within_10_s_and_a_paused_active_writes_nothing_aft
     let rounds = if long_version() { 3 } else { 1 };
     let broker = TestBroker::start().await;
     let db = TestDatabase::create().await;
-    let state = command_gateway::app_state(broker.client.clone(), broker.names.clone())
-        .await
-        .expect("command side");
+    let state = command_gateway::app_state(
+        broker.client.clone(),
+        broker.names.clone(),
+        test_support::test_kek(),
+    )
+    .await
+    .expect("command side");
     let commands = state.commands.clone();
     let http = reqwest::Client::new();
     let prefix = broker.names.prefix().to_owned();

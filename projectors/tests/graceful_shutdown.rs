@@ -52,9 +52,13 @@ async fn sigterm_under_load_acks_what_was_applied_and_exits_cleanly_in_time() {
     };
     let broker = TestBroker::start().await;
     let db = TestDatabase::create().await;
-    let state = command_gateway::app_state(broker.client.clone(), broker.names.clone())
-        .await
-        .expect("command side");
+    let state = command_gateway::app_state(
+        broker.client.clone(),
+        broker.names.clone(),
+        test_support::test_kek(),
+    )
+    .await
+    .expect("command side");
     let commands = state.commands.clone();
     let students = PgStudents::with_pool(db.pool.clone())
         .await

@@ -22,9 +22,13 @@ async fn cutting_the_projectors_nats_connection_under_load_loses_nothing() {
     let (cuts, rate) = if long_version() { (40, 200) } else { (8, 200) };
     let broker = TestBroker::start().await;
     let db = TestDatabase::create().await;
-    let state = command_gateway::app_state(broker.client.clone(), broker.names.clone())
-        .await
-        .expect("command side");
+    let state = command_gateway::app_state(
+        broker.client.clone(),
+        broker.names.clone(),
+        test_support::test_kek(),
+    )
+    .await
+    .expect("command side");
     let commands = state.commands.clone();
     let proxy = TcpProxy::start(test_support::nats_addr()).await;
     let mut projectors = Projectors::start_with(

@@ -104,9 +104,13 @@ async fn a_command_and_its_projection_arrive_over_otlp_as_one_linked_trace() {
     let db = TestDatabase::create().await;
     let exporting =
         service_kit::otlp::init_with_endpoint("command-gateway", &endpoint).expect("exporter");
-    let state = command_gateway::app_state(broker.client.clone(), broker.names.clone())
-        .await
-        .expect("command side");
+    let state = command_gateway::app_state(
+        broker.client.clone(),
+        broker.names.clone(),
+        test_support::test_kek(),
+    )
+    .await
+    .expect("command side");
     let app = command_gateway::http::router(state, test_support::api_keys(), 64 * 1024);
     let gateway_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

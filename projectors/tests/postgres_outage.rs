@@ -77,9 +77,13 @@ async fn a_postgres_outage_under_load_is_waited_out_and_the_read_models_catch_up
     let broker = TestBroker::start().await;
     let mut postgres = PostgresServer::start();
     let database_url = postgres.url("postgres");
-    let state = command_gateway::app_state(broker.client.clone(), broker.names.clone())
-        .await
-        .expect("command side");
+    let state = command_gateway::app_state(
+        broker.client.clone(),
+        broker.names.clone(),
+        test_support::test_kek(),
+    )
+    .await
+    .expect("command side");
     let commands = state.commands.clone();
     let http = reqwest::Client::new();
 

@@ -195,7 +195,8 @@ async fn publish_duplicates(
                 .get_raw_message(sequence)
                 .await
                 .unwrap_or_else(|e| panic!("stream message {sequence} ({e})"));
-            let event = events::decode(&stored.payload).expect("stored events decode");
+            let event =
+                test_support::read_stored(&broker.jetstream, &broker.names, &stored.payload).await;
             let Some(message_id) = stored
                 .headers
                 .get("Nats-Msg-Id")
@@ -258,7 +259,8 @@ async fn fold_stream(broker: &TestBroker) -> StreamFold {
             .get_raw_message(sequence)
             .await
             .unwrap_or_else(|e| panic!("stream message {sequence} ({e})"));
-        let event = events::decode(&message.payload).expect("stored events decode");
+        let event =
+            test_support::read_stored(&broker.jetstream, &broker.names, &message.payload).await;
         *fold
             .events
             .entry(event.metadata.aggregate_kind)
@@ -365,9 +367,13 @@ async fn redelivery_storms_and_duplicate_publishes_never_apply_an_event_twice() 
     for projection in Projection::ALL {
         set_ack_wait(&broker, projection, plan.ack_wait).await;
     }
-    let state = command_gateway::app_state(broker.client.clone(), broker.names.clone())
-        .await
-        .expect("command side");
+    let state = command_gateway::app_state(
+        broker.client.clone(),
+        broker.names.clone(),
+        test_support::test_kek(),
+    )
+    .await
+    .expect("command side");
     let commands = state.commands.clone();
     let students = PgStudents::with_pool(db.pool.clone())
         .await

@@ -92,6 +92,7 @@ async fn a_server_older_than_2_14_ends_the_projectors_non_zero_naming_both_versi
         .env("STREAM_PREFIX", format!("t{}", unique_suffix()))
         .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
         .env("RUST_LOG", "error")
+        .env("KEK_FILE", test_support::test_kek_file())
         .env_remove("REDIS_URL")
         .env_remove("COURSES_STORE_URL")
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -116,4 +117,30 @@ async fn a_server_older_than_2_14_ends_the_projectors_non_zero_naming_both_versi
         .unwrap_or_else(|| panic!("no line names the version found: {stderr}"));
     assert!(refusal.contains("2.14.0"), "{refusal}");
     db.cleanup().await;
+}
+
+/// Without its key-encryption key the process could never apply a student's event: it does
+/// not start, and says which variable is missing; the same for a file that is not a KEK.
+#[test]
+fn without_a_kek_file_the_projectors_do_not_start_and_say_why() {
+    let bad = std::env::temp_dir().join(format!("not-a-kek-{}", unique_suffix()));
+    std::fs::write(&bad, "k1:0011\n").expect("write");
+    for (kek, expected) in [(None, "KEK_FILE is not set"), (Some(&bad), "line 1")] {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_projectors"));
+        command
+            .env("NATS_URL", "nats://127.0.0.1:1")
+            .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env_remove("KEK_FILE")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(path) = kek {
+            command.env("KEK_FILE", path);
+        }
+        let output = command.output().expect("the projectors ran");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "started without a KEK: {stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+    }
+    let _ = std::fs::remove_file(&bad);
 }

@@ -559,22 +559,16 @@ async fn sealed_names_are_opened_with_the_students_key_and_wait_without_it() {
     let store = PgStudents::with_pool(db.pool.clone())
         .await
         .expect("migrated");
-    let ring = Arc::new(
-        events::personal::KekRing::parse(
-            "k1:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
-        )
-        .expect("kek"),
-    );
-    let keys = DataKeys::bind(&broker.jetstream, &broker.names, ring)
+    let keys = DataKeys::bind(&broker.jetstream, &broker.names, test_support::test_kek())
         .await
         .expect("bucket");
     let (ada, grace) = (Uuid::now_v7(), Uuid::now_v7());
-    let ada_key = keys.key_for_registration(ada).await.expect("key");
-    keys.key_for_registration(grace).await.expect("key");
+    let (ada_at, ada_key) = keys.allocate().await.expect("key");
+    let (grace_at, _) = keys.allocate().await.expect("key");
     publish(
         &broker,
         ada,
-        events::encode_sealed(&registered(ada, "Zebulon Q"), &ada_key).into(),
+        events::encode_sealed(&registered(ada, "Zebulon Q"), ada_at, &ada_key).into(),
     )
     .await;
 
@@ -596,11 +590,11 @@ async fn sealed_names_are_opened_with_the_students_key_and_wait_without_it() {
     .await;
     assert_eq!(names, vec!["Zebulon Q".to_owned()]);
 
-    // Grace's event sealed with Ada's key: it never opens.
+    // Grace's event sealed with Ada's key but naming Grace's: it never opens.
     publish(
         &broker,
         grace,
-        events::encode_sealed(&registered(grace, "Grace H"), &ada_key).into(),
+        events::encode_sealed(&registered(grace, "Grace H"), grace_at, &ada_key).into(),
     )
     .await;
     eventually(20, "the unopenable event to be dead-lettered", || async {

@@ -25,6 +25,7 @@ fn start_projectors(prefix: &str, database_url: &str) -> (Projectors, mpsc::Rece
         .env("NATS_URL", test_support::nats_url())
         .env("DATABASE_URL", database_url)
         .env("STREAM_PREFIX", prefix)
+        .env("KEK_FILE", test_support::test_kek_file())
         .env(
             "LISTEN_ADDR",
             format!("127.0.0.1:{}", test_support::free_port()),
@@ -72,9 +73,13 @@ fn applied_line(lines: &mpsc::Receiver<String>, position: u64) -> Value {
 async fn a_commands_traceparent_reaches_the_projectors_log_line_for_its_event() {
     let broker = TestBroker::start().await;
     let db = TestDatabase::create().await;
-    let state = command_gateway::app_state(broker.client.clone(), broker.names.clone())
-        .await
-        .expect("command side");
+    let state = command_gateway::app_state(
+        broker.client.clone(),
+        broker.names.clone(),
+        test_support::test_kek(),
+    )
+    .await
+    .expect("command side");
     let app = command_gateway::http::router(state, test_support::api_keys(), 64 * 1024);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

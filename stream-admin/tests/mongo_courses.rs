@@ -88,7 +88,11 @@ impl Live {
             .expect("MongoDB course store");
         let (stop, stopped) = watch::channel(false);
         let runner = ProjectionRunner {
-            reader: service_kit::event_reader::EventReader::without_keys(),
+            reader: service_kit::event_reader::EventReader::lazy(
+                broker.jetstream.clone(),
+                broker.names.clone(),
+                test_support::test_kek(),
+            ),
             jetstream: broker.jetstream.clone(),
             names: broker.names.clone(),
             store: store.clone(),

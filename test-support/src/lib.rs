@@ -27,9 +27,11 @@ pub use tcp_proxy::TcpProxy;
 /// Keys every in-process test server accepts.
 pub const WRITE_KEY: &str = "test-write-key";
 pub const READ_KEY: &str = "test-read-key";
+/// The only key that may erase a student (and read); not a write key.
+pub const ERASE_KEY: &str = "test-erase-key";
 
 pub fn api_keys() -> ApiKeys {
-    format!("write:{WRITE_KEY},read:{READ_KEY}")
+    format!("write:{WRITE_KEY},read:{READ_KEY},erase:{ERASE_KEY}")
         .parse()
         .expect("test keys are valid")
 }
@@ -72,6 +74,115 @@ pub fn event(
         },
         payload,
     }
+}
+
+/// The key-encryption key of every test (never a real one): one line of a KEK file.
+pub const TEST_KEK: &str =
+    "test-kek:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+/// [`TEST_KEK`] as services take it in process.
+pub fn test_kek() -> std::sync::Arc<events::personal::KekRing> {
+    std::sync::Arc::new(events::personal::KekRing::parse(TEST_KEK).expect("the test KEK"))
+}
+
+/// A file holding [`TEST_KEK`], for `KEK_FILE` of the service binaries a test starts.
+pub fn test_kek_file() -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("school-test-kek-{}", std::process::id()));
+    if !path.exists() {
+        std::fs::write(&path, format!("{TEST_KEK}\n")).expect("writing the test KEK file");
+    }
+    path
+}
+
+/// The one reading path with [`TEST_KEK`], for tests that read what a gateway wrote
+/// (student names sealed with data keys in `names`' bucket).
+pub fn test_reader(
+    jetstream: &jetstream::Context,
+    names: &StreamNames,
+) -> service_kit::event_reader::EventReader {
+    service_kit::event_reader::EventReader::lazy(jetstream.clone(), names.clone(), test_kek())
+}
+
+/// Seals events as the gateway does, for tests that write the stream directly: each
+/// student gets a data key (a slot of a block this process writes) on its first sealed
+/// event, and keeps it.
+pub struct SealingKeys {
+    keys: service_kit::data_keys::DataKeys,
+    assigned: std::sync::Mutex<std::collections::HashMap<Uuid, events::personal::DataKeyRef>>,
+}
+
+impl SealingKeys {
+    pub fn new(keys: service_kit::data_keys::DataKeys) -> Self {
+        SealingKeys {
+            keys,
+            assigned: Default::default(),
+        }
+    }
+
+    /// The data keys of `names`' bucket with [`TEST_KEK`].
+    pub async fn bind(jetstream: &jetstream::Context, names: &StreamNames) -> Self {
+        SealingKeys::new(
+            service_kit::data_keys::DataKeys::bind(jetstream, names, test_kek())
+                .await
+                .expect("the data-key bucket"),
+        )
+    }
+
+    pub fn data_keys(&self) -> &service_kit::data_keys::DataKeys {
+        &self.keys
+    }
+
+    /// The student's key reference, allocated on first use.
+    pub async fn key_of(&self, student: Uuid) -> events::personal::DataKeyRef {
+        if let Some(key) = self.assigned.lock().expect("keys").get(&student) {
+            return *key;
+        }
+        let (key, _) = self.keys.allocate().await.expect("a data key");
+        *self
+            .assigned
+            .lock()
+            .expect("keys")
+            .entry(student)
+            .or_insert(key)
+    }
+
+    /// `event` as the gateway stores it: a student's registration or update sealed with
+    /// the student's key, anything else as it is.
+    pub async fn encode(&self, event: &events::Event) -> Vec<u8> {
+        use events::EventPayload::{StudentRegistered, StudentUpdated};
+        if !matches!(event.payload, StudentRegistered(_) | StudentUpdated(_)) {
+            return events::encode(event);
+        }
+        let key_ref = self.key_of(event.metadata.aggregate_id).await;
+        let service_kit::data_keys::KeyLookup::Key(key) =
+            self.keys.lookup(key_ref).await.expect("lookup")
+        else {
+            panic!(
+                "student {} has no live data key",
+                event.metadata.aggregate_id
+            );
+        };
+        events::encode_sealed(event, key_ref, &key)
+    }
+
+    /// Destroys the student's data key (what an erasure does to it).
+    pub async fn destroy(&self, student: Uuid) {
+        let key = self.key_of(student).await;
+        self.keys.destroy(key).await.expect("the key destroyed");
+    }
+}
+
+/// Stored event bytes read as every consumer reads them (see [`test_reader`]).
+pub async fn read_stored(
+    jetstream: &jetstream::Context,
+    names: &StreamNames,
+    bytes: &[u8],
+) -> events::Event {
+    test_reader(jetstream, names)
+        .read(bytes)
+        .await
+        .unwrap_or_else(|e| panic!("a stored event cannot be read: {e}"))
+        .event
 }
 
 /// A short unique name fragment for one test.

@@ -116,7 +116,12 @@ impl TestGateway {
         let mut out = Vec::new();
         for sequence in 1..=last {
             if let Ok(message) = stream.get_raw_message(sequence).await {
-                let event = events::decode(&message.payload).expect("decodes");
+                let event = test_support::read_stored(
+                    &self.broker.jetstream,
+                    &self.broker.names,
+                    &message.payload,
+                )
+                .await;
                 out.push((
                     sequence,
                     message.subject.to_string(),
@@ -137,7 +142,7 @@ async fn spawn_gateway_with(
     names: &events::StreamNames,
     keys: service_kit::ApiKeys,
 ) -> String {
-    let state = command_gateway::app_state(client, names.clone())
+    let state = command_gateway::app_state(client, names.clone(), test_support::test_kek())
         .await
         .expect("state");
     let app = command_gateway::http::router(state, keys, BODY_LIMIT);

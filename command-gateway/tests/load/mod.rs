@@ -36,6 +36,7 @@ impl GatewayProcess {
         command
             .env("NATS_URL", nats_url)
             .env("STREAM_PREFIX", names.prefix())
+            .env("KEK_FILE", test_support::test_kek_file())
             .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
             .env(
                 "API_KEYS",
@@ -299,7 +300,7 @@ impl StreamAudit {
                 .get_raw_message(sequence)
                 .await
                 .unwrap_or_else(|e| panic!("stream message {sequence} ({e})"));
-            let event = events::decode(&message.payload).expect("stored events decode");
+            let event = test_support::read_stored(&js, names, &message.payload).await;
             audit.messages += 1;
             if !seen_ids.insert(event.metadata.event_id) {
                 audit.repeated_event_ids += 1;

@@ -39,6 +39,7 @@ impl Projectors {
             .env("NATS_URL", test_support::nats_url())
             .env("DATABASE_URL", database_url)
             .env("STREAM_PREFIX", prefix)
+            .env("KEK_FILE", test_support::test_kek_file())
             .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
             .env("BATCH_SIZE", "50")
             .env(

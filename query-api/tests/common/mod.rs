@@ -122,7 +122,11 @@ impl TestSystem {
             };
             tokio::spawn(
                 ProjectionRunner {
-                    reader: service_kit::event_reader::EventReader::without_keys(),
+                    reader: service_kit::event_reader::EventReader::lazy(
+                        broker.jetstream.clone(),
+                        broker.names.clone(),
+                        test_support::test_kek(),
+                    ),
                     jetstream: broker.jetstream.clone(),
                     names: broker.names.clone(),
                     store: students,
@@ -135,7 +139,11 @@ impl TestSystem {
             );
             tokio::spawn(
                 ProjectionRunner {
-                    reader: service_kit::event_reader::EventReader::without_keys(),
+                    reader: service_kit::event_reader::EventReader::lazy(
+                        broker.jetstream.clone(),
+                        broker.names.clone(),
+                        test_support::test_kek(),
+                    ),
                     jetstream: broker.jetstream.clone(),
                     names: broker.names.clone(),
                     store: courses.clone(),
@@ -148,9 +156,13 @@ impl TestSystem {
             );
         }
 
-        let gateway_state = command_gateway::app_state(broker.client.clone(), broker.names.clone())
-            .await
-            .expect("gateway state");
+        let gateway_state = command_gateway::app_state(
+            broker.client.clone(),
+            broker.names.clone(),
+            test_support::test_kek(),
+        )
+        .await
+        .expect("gateway state");
         let gateway_app =
             command_gateway::http::router(gateway_state, test_support::api_keys(), 64 * 1024);
         let gateway =

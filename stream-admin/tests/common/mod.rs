@@ -10,7 +10,7 @@ use projectors::{ProjectionProgress, ProjectionRunner};
 use read_models::PgStudents;
 use service_kit::data_keys::DataKeys;
 use service_kit::event_reader::EventReader;
-use test_support::{TestBroker, TestDatabase};
+use test_support::{SealingKeys, TestBroker, TestDatabase};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -19,13 +19,10 @@ pub struct Live {
     pub db: TestDatabase,
     pub students: PgStudents,
     /// The students' data keys (a test KEK), and the reading path the live projection uses.
-    pub keys: DataKeys,
+    pub keys: SealingKeys,
     pub reader: EventReader,
     stop: watch::Sender<bool>,
 }
-
-/// The KEK of every test here (never a real one).
-pub const TEST_KEK: &str = "test:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
 impl Live {
     /// The broker topology, a fresh database, and the live students projection running.
@@ -35,8 +32,7 @@ impl Live {
         let students = PgStudents::with_pool(db.pool.clone())
             .await
             .expect("migrated");
-        let ring = Arc::new(events::personal::KekRing::parse(TEST_KEK).expect("test KEK"));
-        let keys = DataKeys::bind(&broker.jetstream, &broker.names, ring)
+        let keys = DataKeys::bind(&broker.jetstream, &broker.names, test_support::test_kek())
             .await
             .expect("the data-key bucket");
         let reader = EventReader::new(keys.clone());
@@ -59,7 +55,7 @@ impl Live {
             broker,
             db,
             students,
-            keys,
+            keys: SealingKeys::new(keys),
             reader,
             stop,
         }
@@ -68,13 +64,8 @@ impl Live {
     /// Publishes a student event as the gateway writes it with a data key (schema version
     /// 2: personal fields sealed with the student's key, made on its first use).
     pub async fn publish_sealed(&self, event: &Event) -> u64 {
-        let key = self
-            .keys
-            .key_for_registration(event.metadata.aggregate_id)
-            .await
-            .expect("a data key");
-        self.publish_bytes(event, events::encode_sealed(event, &key))
-            .await
+        let bytes = self.keys.encode(event).await;
+        self.publish_bytes(event, bytes).await
     }
 
     /// Publishes an event on its aggregate's subject; returns its stream position.
