@@ -42,7 +42,15 @@ pub struct Shared {
     pub api_keys: String,
     pub database_url: String,
     pub redis_url: String,
+    /// The courses' store when not the Postgres of `database_url` (a `mongodb://` URL).
+    pub courses_store_url: Option<String>,
+    /// Where each service writes its log (`<name>.log`, at debug level for this
+    /// workspace's crates); `None`: logs only with `NEMESIS_SERVICE_LOG`, to the terminal.
+    pub log_dir: Option<PathBuf>,
 }
+
+/// `RUST_LOG` of services whose logs a test reads: everything this workspace logs.
+pub const VERBOSE_LOG: &str = "info,command_gateway=debug,projectors=debug,query_api=debug,service_kit=debug,read_models=debug,stream_admin=debug";
 
 /// One running service.
 pub struct Service {
@@ -83,7 +91,12 @@ impl Service {
     }
 }
 
-fn spawn(name: &str, binary: &str, env: &[(&str, String)]) -> Result<Service, String> {
+fn spawn(
+    name: &str,
+    binary: &str,
+    env: &[(&str, String)],
+    log_dir: Option<&std::path::Path>,
+) -> Result<Service, String> {
     let port = free_port();
     let mut command = Command::new(self::binary(binary)?);
     command
@@ -94,14 +107,27 @@ fn spawn(name: &str, binary: &str, env: &[(&str, String)]) -> Result<Service, St
             "RUST_LOG",
             std::env::var("NEMESIS_SERVICE_LOG").unwrap_or_else(|_| "error".into()),
         )
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    if let Some(dir) = log_dir {
+        let log = std::fs::File::create(dir.join(format!("{name}.log")))
+            .map_err(|e| format!("the log file of {name}: {e}"))?;
+        let log_too = log
+            .try_clone()
+            .map_err(|e| format!("the log file of {name}: {e}"))?;
+        command
+            .env("RUST_LOG", VERBOSE_LOG)
+            .stdout(log)
+            .stderr(log_too);
+    } else {
         // The services log JSON to stdout: shown only when a log level is asked for.
-        .stdout(if std::env::var_os("NEMESIS_SERVICE_LOG").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
-        .stderr(Stdio::inherit());
+        command
+            .stdout(if std::env::var_os("NEMESIS_SERVICE_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .stderr(Stdio::inherit());
+    }
     let mut service = Service {
         name: name.to_owned(),
         process: ServiceProcess::spawn(name, &mut command),
@@ -122,7 +148,12 @@ pub fn gateway(name: &str, nats_urls: &str, shared: &Shared) -> Result<Service, 
             ("NATS_URL", nats_urls.to_owned()),
             ("STREAM_PREFIX", shared.prefix.clone()),
             ("API_KEYS", shared.api_keys.clone()),
+            (
+                "KEK_FILE",
+                test_support::test_kek_file().display().to_string(),
+            ),
         ],
+        shared.log_dir.as_deref(),
     )
 }
 
@@ -137,8 +168,17 @@ pub fn query_api(name: &str, nats_urls: &str, shared: &Shared) -> Result<Service
             ("DATABASE_URL", shared.database_url.clone()),
             ("REDIS_URL", shared.redis_url.clone()),
             ("GRPC_LISTEN_ADDR", format!("127.0.0.1:{}", free_port())),
+            ("COURSES_STORE_URL", courses_store_url(shared)),
         ],
+        shared.log_dir.as_deref(),
     )
+}
+
+fn courses_store_url(shared: &Shared) -> String {
+    shared
+        .courses_store_url
+        .clone()
+        .unwrap_or_else(|| shared.database_url.clone())
 }
 
 pub fn projectors(name: &str, nats_urls: &str, shared: &Shared) -> Result<Service, String> {
@@ -151,6 +191,12 @@ pub fn projectors(name: &str, nats_urls: &str, shared: &Shared) -> Result<Servic
             ("DATABASE_URL", shared.database_url.clone()),
             ("REDIS_URL", shared.redis_url.clone()),
             ("PROJECTOR_REPLICA_NAME", name.to_owned()),
+            ("COURSES_STORE_URL", courses_store_url(shared)),
+            (
+                "KEK_FILE",
+                test_support::test_kek_file().display().to_string(),
+            ),
         ],
+        shared.log_dir.as_deref(),
     )
 }

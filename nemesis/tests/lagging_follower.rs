@@ -67,6 +67,8 @@ async fn a_gateway_on_a_lagging_follower_never_refuses_with_the_followers_stale_
         api_keys: format!("write:{WRITE_KEY},read:{READ_KEY}"),
         database_url: String::new(),
         redis_url: String::new(),
+        courses_store_url: None,
+        log_dir: None,
     };
     let http = reqwest::Client::new();
     let mut healthy =

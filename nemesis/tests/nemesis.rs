@@ -182,6 +182,8 @@ async fn the_production_shape_keeps_every_guarantee_under_a_nemesis() {
         api_keys: format!("write:{WRITE_KEY},read:{READ_KEY}"),
         database_url: database.url.clone(),
         redis_url: redis.url(),
+        courses_store_url: None,
+        log_dir: None,
     };
     let nats_urls = cluster.client_urls().join(",");
     // The projectors reach each node through a proxy of their own, so the nemesis can cut
@@ -314,7 +316,7 @@ async fn the_production_shape_keeps_every_guarantee_under_a_nemesis() {
     }
 
     // ---- the checker
-    let events = read_stream(&broker.jetstream, &stream).await;
+    let events = read_stream(&broker.jetstream, &broker.names, &stream).await;
     let last = events.last().map_or(0, |e| e.sequence);
     let fold = checker::fold(&events);
     let commands: Vec<CommandRecord> = history.commands.lock().expect("history").clone();
@@ -417,7 +419,11 @@ async fn the_production_shape_keeps_every_guarantee_under_a_nemesis() {
 }
 
 /// Every event of the stream, in order (an ordered consumer, from the first).
-async fn read_stream(jetstream: &jetstream::Context, stream: &str) -> Vec<Stored> {
+async fn read_stream(
+    jetstream: &jetstream::Context,
+    names: &events::StreamNames,
+    stream: &str,
+) -> Vec<Stored> {
     let mut stream = jetstream
         .get_stream(stream)
         .await
@@ -441,7 +447,7 @@ async fn read_stream(jetstream: &jetstream::Context, stream: &str) -> Vec<Stored
             .expect("the stream ended")
             .expect("a message");
         let sequence = message.info().expect("message info").stream_sequence;
-        let event = events::decode(&message.payload).expect("every stored event decodes");
+        let event = test_support::read_stored(jetstream, names, &message.payload).await;
         events.push(Stored { sequence, event });
     }
     events
