@@ -51,14 +51,16 @@ imagePullSecrets:
 
 {{/*
 A generated secret value (base64) that survives upgrades: the value already in the cluster
-when there is one, a fresh random one at the first install. Call with
-(dict "root" $ "name" SECRET "key" KEY). Every template that calls it calls
-school.assertClusterReadable first.
+when there is one, a fresh random one at the first install (40 random letters and digits,
+or "value" when given). Call with (dict "root" $ "name" SECRET "key" KEY ["value" NEW]).
+Every template that calls it calls school.assertClusterReadable first.
 */}}
 {{- define "school.generatedSecretValue" -}}
 {{- $existing := lookup "v1" "Secret" .root.Release.Namespace .name -}}
 {{- if and $existing $existing.data (hasKey $existing.data .key) -}}
 {{- index $existing.data .key -}}
+{{- else if .value -}}
+{{- .value | b64enc -}}
 {{- else -}}
 {{- randAlphaNum 40 | b64enc -}}
 {{- end -}}
@@ -75,6 +77,12 @@ The Secrets the chart generates with these values: one line each, "<Secret> (<ke
 {{- if not .Values.apiKeys.existingReadSecret }}
 - Secret {{ include "school.readKeySecret" . }} (key: key): or set apiKeys.existingReadSecret
 {{- end }}
+{{- if not .Values.apiKeys.existingEraseSecret }}
+- Secret {{ include "school.eraseKeySecret" . }} (key: key): or set apiKeys.existingEraseSecret
+{{- end }}
+{{- if not .Values.kek.existingSecret }}
+- Secret {{ include "school.kekSecret" . }} (key: kek, lines <id>:<64 hex digits>): or set kek.existingSecret
+{{- end }}
 {{- if and .Values.postgresql.enabled (not .Values.postgresql.auth.existingSecret) }}
 - Secret {{ include "school.postgresql.fullname" . }} (keys: POSTGRES_PASSWORD, QUERY_PASSWORD, PROJECTOR_PASSWORD): or set postgresql.auth.existingSecret
 {{- end }}
@@ -90,7 +98,7 @@ The Secrets the chart generates with these values: one line each, "<Secret> (<ke
 Generated Secrets are kept across upgrades by reading them back with `lookup`. A render that
 cannot read the cluster (helm template, Argo CD, helm install --dry-run=client, helm lint)
 gets nothing back and would make new random values on every render: passwords and API keys
-rotated silently. Such a render is told apart from a real install by two objects every
+rotated silently, and a new KEK that opens none of the students' data keys. Such a render is told apart from a real install by two objects every
 namespace has (the ConfigMap kube-root-ca.crt and the ServiceAccount default, made by the
 control plane), and it fails, naming the Secrets to create instead.
 */}}
@@ -99,7 +107,7 @@ control plane), and it fails, naming the Secrets to create instead.
 {{- $rootCa := lookup "v1" "ConfigMap" $namespace "kube-root-ca.crt" -}}
 {{- $account := lookup "v1" "ServiceAccount" $namespace "default" -}}
 {{- if not (or $rootCa $account) -}}
-{{- fail (printf "\n\nThis render cannot read the cluster (lookup finds neither ConfigMap kube-root-ca.crt nor ServiceAccount default in namespace %s: helm template, Argo CD, helm install --dry-run=client and helm lint cannot look up; neither can helm install --create-namespace into a namespace that does not exist yet). It would generate new random passwords and API keys on every render and so rotate them. Create these Secrets yourself (sealed, external, kubectl create secret ...) and name them in the values, or install with helm into an existing namespace, where they are generated once and kept:\n%s\n" $namespace (include "school.generatedSecrets" . | trim)) -}}
+{{- fail (printf "\n\nThis render cannot read the cluster (lookup finds neither ConfigMap kube-root-ca.crt nor ServiceAccount default in namespace %s: helm template, Argo CD, helm install --dry-run=client and helm lint cannot look up; neither can helm install --create-namespace into a namespace that does not exist yet). It would generate new random passwords, API keys and KEK on every render and so rotate them (a new KEK leaves every student name unreadable). Create these Secrets yourself (sealed, external, kubectl create secret ...) and name them in the values, or install with helm into an existing namespace, where they are generated once and kept:\n%s\n" $namespace (include "school.generatedSecrets" . | trim)) -}}
 {{- end -}}
 {{- end -}}
 
@@ -210,7 +218,11 @@ nats://{{ $fullname }}.{{ .Release.Namespace }}.svc:4222
 {{- .Values.apiKeys.existingReadSecret | default (include "school.componentName" (dict "root" . "suffix" "read-key")) -}}
 {{- end -}}
 
-{{/* API_KEYS from the two key Secrets (Kubernetes expands $(VAR) from earlier entries). */}}
+{{- define "school.eraseKeySecret" -}}
+{{- .Values.apiKeys.existingEraseSecret | default (include "school.componentName" (dict "root" . "suffix" "erase-key")) -}}
+{{- end -}}
+
+{{/* API_KEYS from the three key Secrets (Kubernetes expands $(VAR) from earlier entries). */}}
 {{- define "school.apiKeysEnv" -}}
 - name: SCHOOL_WRITE_KEY
   valueFrom:
@@ -218,8 +230,57 @@ nats://{{ $fullname }}.{{ .Release.Namespace }}.svc:4222
 - name: SCHOOL_READ_KEY
   valueFrom:
     secretKeyRef: { name: {{ include "school.readKeySecret" . }}, key: key }
+- name: SCHOOL_ERASE_KEY
+  valueFrom:
+    secretKeyRef: { name: {{ include "school.eraseKeySecret" . }}, key: key }
 - name: API_KEYS
-  value: "write:$(SCHOOL_WRITE_KEY),read:$(SCHOOL_READ_KEY)"
+  value: "write:$(SCHOOL_WRITE_KEY),read:$(SCHOOL_READ_KEY),erase:$(SCHOOL_ERASE_KEY)"
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- the KEK */}}
+
+{{/* The Secret holding the key-encryption keys: kek.existingSecret, or the generated one. */}}
+{{- define "school.kekSecret" -}}
+{{- .Values.kek.existingSecret | default (include "school.componentName" (dict "root" . "suffix" "kek")) -}}
+{{- end -}}
+
+{{/* The key of that Secret holding the KEK file (the generated Secret always uses kek). */}}
+{{- define "school.kekSecretKey" -}}
+{{- if .Values.kek.existingSecret }}{{ required "kek.secretKey is required with kek.existingSecret" .Values.kek.secretKey }}{{ else }}kek{{ end -}}
+{{- end -}}
+
+{{/*
+A new KEK file for the generated Secret: one line "kek-<year>-<month>:<64 hex digits>", the
+hex 32 random bytes (crypto/rand). Rendered only at the first install; later renders keep
+the one in the cluster.
+*/}}
+{{- define "school.newKek" -}}
+{{- printf "kek-%s:%x\n" (now | date "2006-01") (randBytes 32 | b64dec) -}}
+{{- end -}}
+
+{{/*
+The KEK as a read-only file for command-gateway and projectors (stream-admin run in the
+projectors' pod has it too): mode 0440, owned by root and the pod's fsGroup (10001), so the
+non-root user of the image can read it and nothing else in the pod can write it.
+*/}}
+{{- define "school.kekEnv" -}}
+- name: KEK_FILE
+  value: /etc/school/kek/kek
+{{- end -}}
+
+{{- define "school.kekVolumeMount" -}}
+- name: kek
+  mountPath: /etc/school/kek
+  readOnly: true
+{{- end -}}
+
+{{- define "school.kekVolume" -}}
+- name: kek
+  secret:
+    secretName: {{ include "school.kekSecret" . }}
+    defaultMode: 0440
+    items:
+      - { key: {{ include "school.kekSecretKey" . }}, path: kek }
 {{- end -}}
 
 {{- define "school.postgresql.fullname" -}}
