@@ -262,13 +262,21 @@ impl EventStore {
         }
     }
 
-    /// A student's registration or update sealed with its data key, every other event as
-    /// it is.
+    /// A student's registration or update sealed with its data key, an erasure naming that
+    /// key (so the projectors can destroy it too), every other event as it is.
     async fn encode(
         &self,
         event: &Event,
         keys: &mut BTreeMap<Uuid, DataKeyRef>,
     ) -> Result<Vec<u8>, AppendError> {
+        if let EventPayload::StudentErased(erasure) = &event.payload
+            && erasure.key.is_none()
+            && let Some(&key) = keys.get(&event.metadata.aggregate_id)
+        {
+            let mut event = event.clone();
+            event.payload = EventPayload::StudentErased(events::Erasure { key: Some(key) });
+            return Ok(events::encode(&event));
+        }
         let personal = matches!(
             event.payload,
             EventPayload::StudentRegistered(_) | EventPayload::StudentUpdated(_)

@@ -5,8 +5,8 @@ use prost::Message;
 use uuid::Uuid;
 
 use crate::model::{
-    AggregateKind, CourseDetails, Enrollment, Event, EventMetadata, EventPayload, StudentDetails,
-    TraceContext,
+    AggregateKind, CourseDetails, Enrollment, Erasure, Event, EventMetadata, EventPayload,
+    StudentDetails, TraceContext,
 };
 use crate::personal::{self, DataKey, DataKeyRef, OpenError};
 use crate::proto;
@@ -56,7 +56,7 @@ pub enum DecodeError {
 /// version 1; `StudentErased`, which version 1 did not have, as version 2).
 pub fn encode(event: &Event) -> Vec<u8> {
     let version = match event.payload {
-        EventPayload::StudentErased => SEALED_VERSION,
+        EventPayload::StudentErased(_) => SEALED_VERSION,
         _ => PLAINTEXT_VERSION,
     };
     envelope(event, version, encode_payload(&event.payload)).encode_to_vec()
@@ -159,7 +159,10 @@ fn encode_payload(payload: &EventPayload) -> Payload {
                 course_id: e.course_id.to_string(),
             })
         }
-        EventPayload::StudentErased => Payload::StudentErased(proto::StudentErased {}),
+        EventPayload::StudentErased(erasure) => Payload::StudentErased(proto::StudentErased {
+            key_block: erasure.key.map(|k| k.block.to_string()).unwrap_or_default(),
+            key_slot: erasure.key.map_or(0, |k| u32::from(k.slot)),
+        }),
     }
 }
 
@@ -390,7 +393,16 @@ fn decode_payload(payload: Payload) -> Result<EventPayload, DecodeError> {
             student_id: parse_uuid("student_id", &p.student_id)?,
             course_id: parse_uuid("course_id", &p.course_id)?,
         }),
-        Payload::StudentErased(_) => EventPayload::StudentErased,
+        Payload::StudentErased(p) => EventPayload::StudentErased(Erasure {
+            key: if p.key_block.is_empty() {
+                None
+            } else {
+                Some(DataKeyRef {
+                    block: parse_uuid("key_block", &p.key_block)?,
+                    slot: u16::try_from(p.key_slot).map_err(|_| DecodeError::InvalidKeySlot)?,
+                })
+            },
+        }),
     })
 }
 
@@ -533,7 +545,7 @@ mod tests {
             decode_sealed(&encode_sealed(&deleted, key_ref, &key)).ok(),
             Some(Decoded::Plain(deleted))
         );
-        let erased = student_event(EventPayload::StudentErased);
+        let erased = student_event(EventPayload::StudentErased(Erasure::default()));
         assert_eq!(decode(&encode(&erased)).ok(), Some(erased));
     }
 
@@ -559,9 +571,12 @@ mod tests {
         // Version 1 carrying sealed fields, or an erasure (which version 1 did not have).
         let mut early_seal = sealed.clone();
         early_seal.schema_version = PLAINTEXT_VERSION;
-        let mut early_erasure =
-            proto::EventEnvelope::decode(&encode(&student_event(EventPayload::StudentErased))[..])
-                .expect("ok");
+        let mut early_erasure = proto::EventEnvelope::decode(
+            &encode(&student_event(EventPayload::StudentErased(
+                Erasure::default(),
+            )))[..],
+        )
+        .expect("ok");
         early_erasure.schema_version = PLAINTEXT_VERSION;
         for (what, envelope) in [
             ("v2 with clear names", both),

@@ -12,8 +12,8 @@ pub mod personal;
 
 pub use codec::{DecodeError, Decoded, SealedEvent, decode, decode_sealed, encode, encode_sealed};
 pub use model::{
-    AggregateKind, CourseDetails, Enrollment, Event, EventMetadata, EventPayload, StudentDetails,
-    TraceContext,
+    AggregateKind, CourseDetails, Enrollment, Erasure, Event, EventMetadata, EventPayload,
+    StudentDetails, TraceContext,
 };
 pub use names::{Projection, StreamNames, dead_letter_headers};
 

@@ -90,7 +90,14 @@ pub enum EventPayload {
     StudentUnenrolled(Enrollment),
     /// The student's data key was destroyed, after its deletion: every sealed personal
     /// field of it is unreadable for good. Carries nothing personal.
-    StudentErased,
+    StudentErased(Erasure),
+}
+
+/// What an erasure records: where the destroyed key was, so whoever applies the event can
+/// destroy it as well (destroying is idempotent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Erasure {
+    pub key: Option<crate::personal::DataKeyRef>,
 }
 
 impl EventPayload {
@@ -105,7 +112,7 @@ impl EventPayload {
             EventPayload::CourseDeleted => "CourseDeleted",
             EventPayload::StudentEnrolled(_) => "StudentEnrolled",
             EventPayload::StudentUnenrolled(_) => "StudentUnenrolled",
-            EventPayload::StudentErased => "StudentErased",
+            EventPayload::StudentErased(_) => "StudentErased",
         }
     }
 }

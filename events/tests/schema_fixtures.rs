@@ -198,7 +198,9 @@ fn expected_v2_events() -> Vec<(&'static str, Event)> {
         event
     };
     let mut erased = pick("student_deleted");
-    erased.payload = EventPayload::StudentErased;
+    erased.payload = EventPayload::StudentErased(events::Erasure {
+        key: Some(v2_key_ref()),
+    });
     vec![
         (
             "student_registered",

@@ -101,7 +101,7 @@ pub fn fold(events: &[Stored]) -> Fold {
                 fold.deleted.insert(target);
             }
             // The workload erases nobody; an erasure must follow its student's deletion.
-            EventPayload::StudentErased => {
+            EventPayload::StudentErased(_) => {
                 if exists || !deleted {
                     misfit = Some("an erasure of no deleted student");
                 }

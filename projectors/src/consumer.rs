@@ -881,6 +881,19 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                 }
             }
         }
+        // Before the batch is applied: once applied, it is never delivered again, and the
+        // key of an erasure in it must not outlive a failure here.
+        if let Err(error) = self
+            .reader
+            .destroy_erased_keys(service_kit::event_reader::erased_keys(
+                decoded.iter().map(|(_, event)| event),
+            ))
+            .await
+        {
+            return Err(SubscriptionEnd::Failed(anyhow::anyhow!(
+                "an erased student's data key: {error}"
+            )));
+        }
         let started = Instant::now();
         let started_at = std::time::SystemTime::now();
         let applied = self

@@ -605,3 +605,65 @@ async fn sealed_names_are_opened_with_the_students_key_and_wait_without_it() {
     broker.cleanup().await;
     db.cleanup().await;
 }
+
+/// A gateway destroys an erased student's key before it answers; one that stopped after
+/// appending the erasure leaves the key alive. The projectors destroy the key the erasure
+/// names when they apply it, so it is gone in any case. Fails without that step: the key
+/// still opens.
+#[tokio::test]
+async fn the_projectors_destroy_the_key_an_erasure_names() {
+    let broker = TestBroker::start().await;
+    let db = TestDatabase::create().await;
+    let store = PgStudents::with_pool(db.pool.clone())
+        .await
+        .expect("migrated");
+    let keys = DataKeys::bind(&broker.jetstream, &broker.names, test_support::test_kek())
+        .await
+        .expect("bucket");
+    let ada = Uuid::now_v7();
+    let (ada_at, ada_key) = keys.allocate().await.expect("key");
+    publish(
+        &broker,
+        ada,
+        events::encode_sealed(&registered(ada, "Zebulon Q"), ada_at, &ada_key).into(),
+    )
+    .await;
+    publish(
+        &broker,
+        ada,
+        events::encode(&test_support::event(
+            AggregateKind::Student,
+            ada,
+            EventPayload::StudentDeleted,
+        ))
+        .into(),
+    )
+    .await;
+    // What a gateway stopped before its destroy leaves: the erasure, and the key alive.
+    let erasure = EventPayload::StudentErased(events::Erasure { key: Some(ada_at) });
+    publish(
+        &broker,
+        ada,
+        events::encode(&test_support::event(AggregateKind::Student, ada, erasure)).into(),
+    )
+    .await;
+    assert!(matches!(
+        keys.lookup(ada_at).await.expect("lookup"),
+        service_kit::data_keys::KeyLookup::Key(_)
+    ));
+
+    let running = start_projection_reading(&broker, &store, EventReader::new(keys.clone()));
+    eventually(20, "the erased student's key destroyed", || async {
+        matches!(
+            keys.lookup(ada_at).await.ok()?,
+            service_kit::data_keys::KeyLookup::Erased
+        )
+        .then_some(())
+    })
+    .await;
+    assert_eq!(student_count(&store).await, 0);
+    assert_eq!(broker.dead_letter_count().await, 0);
+    running.stop().await;
+    broker.cleanup().await;
+    db.cleanup().await;
+}

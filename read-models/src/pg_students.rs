@@ -213,7 +213,7 @@ impl PgStudents {
     ) -> Result<(), sqlx::Error> {
         let erased: Vec<Uuid> = fresh
             .iter()
-            .filter(|(_, event)| matches!(event.payload, EventPayload::StudentErased))
+            .filter(|(_, event)| matches!(event.payload, EventPayload::StudentErased(_)))
             .map(|(_, event)| event.metadata.aggregate_id)
             .collect();
         if erased.is_empty() || self.sql.generation != Generation::Live {

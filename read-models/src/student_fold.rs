@@ -79,7 +79,7 @@ impl Touched {
                 }
             }
             // An erasure follows the deletion; should the student still be here, it goes.
-            EventPayload::StudentDeleted | EventPayload::StudentErased => {
+            EventPayload::StudentDeleted | EventPayload::StudentErased(_) => {
                 if self.current.take().is_some() {
                     self.replaced = true;
                 }

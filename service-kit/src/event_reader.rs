@@ -121,6 +121,30 @@ impl EventReader {
         self.keys().await
     }
 
+    /// Destroys the data keys of `erasures` (student, key: see [`erased_keys`]). The
+    /// gateway that appended an erasure destroys the key before it answers; a projector
+    /// doing it again (destroying is idempotent) covers a gateway stopped in between. Only
+    /// a broker error fails (transient: the caller tries again); a block this process cannot
+    /// unwrap is logged and left to the gateway.
+    pub async fn destroy_erased_keys(
+        &self,
+        erasures: Vec<(Uuid, DataKeyRef)>,
+    ) -> Result<(), ReadError> {
+        for (student, key) in erasures {
+            match self.keys().await?.destroy(key).await {
+                Ok(()) => {}
+                Err(error @ DataKeyError::Broker(_)) => return Err(error.into()),
+                Err(error) => tracing::warn!(
+                    %student,
+                    block = %key.block,
+                    %error,
+                    "the erased student's data key could not be destroyed here"
+                ),
+            }
+        }
+        Ok(())
+    }
+
     async fn keys(&self) -> Result<&DataKeys, ReadError> {
         match &self.keys {
             Keys::None => Err(ReadError::NoKeys),
@@ -189,6 +213,19 @@ pub fn load_kek_ring(path: Option<&Path>) -> anyhow::Result<Arc<KekRing>> {
         .with_context(|| format!("KEK_FILE {}: cannot be read", path.display()))?;
     let ring = KekRing::parse(&text).with_context(|| format!("KEK_FILE {}", path.display()))?;
     Ok(Arc::new(ring))
+}
+
+/// The (student, data key) of each erasure among `events` that names its key.
+pub fn erased_keys<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<(Uuid, DataKeyRef)> {
+    events
+        .into_iter()
+        .filter_map(|event| match &event.payload {
+            events::EventPayload::StudentErased(events::Erasure { key: Some(key) }) => {
+                Some((event.metadata.aggregate_id, *key))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]

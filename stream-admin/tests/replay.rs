@@ -390,7 +390,10 @@ async fn a_replay_after_an_erasure_brings_no_name_back() {
     live.caught_up(before).await;
     live.keys.destroy(erased).await;
     let last = live
-        .publish(&common::event(erased, events::EventPayload::StudentErased))
+        .publish(&common::event(
+            erased,
+            events::EventPayload::StudentErased(Default::default()),
+        ))
         .await;
     live.caught_up(last).await;
 

@@ -346,9 +346,11 @@ pub fn decide(command: &Command, snapshot: &Snapshot) -> Result<Vec<Change>, Dom
                 }
                 StudentState::Deleted => {}
             }
+            // Which key the erasure destroys is the event store's to fill in: the domain
+            // knows no keys.
             changes.push(Change {
                 aggregate: target,
-                payload: EventPayload::StudentErased,
+                payload: EventPayload::StudentErased(Default::default()),
             });
         }
         Command::CreateCourse { course_id, draft } => {

@@ -92,7 +92,7 @@ pub fn evolve(state: StudentState, event: &EventPayload) -> StudentState {
         }
         (_, EventPayload::StudentDeleted) => StudentState::Deleted,
         // An erasure follows the deletion (in the same append, or a later one).
-        (_, EventPayload::StudentErased) => StudentState::Erased,
+        (_, EventPayload::StudentErased(_)) => StudentState::Erased,
         (StudentState::Active(mut student), EventPayload::StudentEnrolled(e)) => {
             student.course_ids.insert(e.course_id);
             StudentState::Active(student)
