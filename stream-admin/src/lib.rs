@@ -5,6 +5,7 @@
 pub mod apply;
 pub mod dlq;
 pub mod inspect;
+pub mod migrate;
 pub mod read_models;
 pub mod replay;
 pub mod status;

@@ -109,6 +109,23 @@ enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// Copy this deployment's stream to a new prefix with every version 1 student event's
+    /// names sealed (they were written in the clear before names were sealed), keeping
+    /// every position; resumable. With --switch: seal the old stream (commands answer 503
+    /// until the services run with the new prefix), copy the rest and verify every
+    /// position. Then run every service with STREAM_PREFIX=<new prefix> and delete the
+    /// old stream, which still holds the names.
+    Migrate {
+        /// The prefix to copy to (streams, subjects, buckets, consumers are named after it).
+        #[arg(long)]
+        to_prefix: StreamNames,
+        /// Seal the old stream, copy what is left and verify.
+        #[arg(long)]
+        switch: bool,
+        /// Replicas of the new streams and buckets (3 in a cluster).
+        #[arg(long, env = "STREAM_REPLICAS", default_value_t = 1)]
+        replicas: usize,
+    },
     /// The students' data keys (crypto-shredding).
     Keys {
         #[command(subcommand)]
@@ -223,6 +240,7 @@ async fn main() -> anyhow::Result<()> {
         cli.command,
         Command::Replay { .. }
             | Command::Keys { .. }
+            | Command::Migrate { .. }
             | Command::Dlq {
                 command: DlqCommand::Redrive { .. }
             }
@@ -298,6 +316,51 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Events { command } => {
             events_command(&jetstream, names, &reader, command).await?;
+        }
+        Command::Migrate {
+            to_prefix,
+            switch,
+            replicas,
+        } => {
+            let ring = service_kit::event_reader::load_kek_ring(cli.kek_file.as_deref())?;
+            let options = stream_admin::migrate::MigrateOptions {
+                replicas,
+                switch,
+                progress: std::io::stderr().is_terminal(),
+                stop_after: None,
+            };
+            let report =
+                stream_admin::migrate::migrate(&client, names, &to_prefix, ring, options).await?;
+            println!(
+                "copied {} events to {} in {:.1} s ({} were there from an earlier run): {} \
+                 version 1 names sealed, {} erasures applied to them; {} positions verified",
+                report.copied,
+                to_prefix.event_stream(),
+                report.elapsed.as_secs_f64(),
+                report.resumed_at,
+                report.sealed,
+                report.erasures,
+                report.verified
+            );
+            if report.switched {
+                println!(
+                    "switched: {} is sealed at position {}. Run every service with \
+                     STREAM_PREFIX={}; then delete the old stream {} (it still holds names \
+                     in the clear), e.g. `nats stream rm {}`",
+                    names.event_stream(),
+                    report.source_last,
+                    to_prefix.prefix(),
+                    names.event_stream(),
+                    names.event_stream()
+                );
+            } else {
+                println!(
+                    "the old deployment keeps writing: run again to copy more, with --switch \
+                     to finish ({} of {} positions copied)",
+                    report.resumed_at + report.copied,
+                    report.source_last
+                );
+            }
         }
         Command::Keys { command } => {
             let keys = reader
