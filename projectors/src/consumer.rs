@@ -20,7 +20,7 @@ use events::{AggregateKind, Event, EventPayload, Projection, StreamNames};
 use futures::{FutureExt, StreamExt};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
-use service_kit::event_reader::{EventReader, ReadError};
+use service_kit::event_reader::{EventReader, ReadError, ReadEvent};
 use service_kit::metrics;
 use service_kit::trace::SpanContext;
 
@@ -740,7 +740,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                 };
                 match first {
                     Some(Ok(message)) => {
-                        let delivered = Delivered::decode(message);
+                        let delivered = Delivered::decode(message, &self.reader);
                         if let Err(gap) = continuity.follows(&delivered) {
                             return SubscriptionEnd::Failed(gap);
                         }
@@ -769,7 +769,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                 };
                 match next {
                     Some(Ok(message)) => {
-                        let delivered = Delivered::decode(message);
+                        let delivered = Delivered::decode(message, &self.reader);
                         if let Err(gap) = continuity.follows(&delivered) {
                             return SubscriptionEnd::Failed(gap);
                         }
@@ -800,7 +800,7 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
                     {
                         match next {
                             Some(Ok(message)) => {
-                                let delivered = Delivered::decode(message);
+                                let delivered = Delivered::decode(message, &self.reader);
                                 match continuity.follows(&delivered) {
                                     Ok(()) => arrived.push(delivered),
                                     Err(gap) => stream_failed = Some(gap),
@@ -849,9 +849,16 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
         let mut decoded: Vec<(u64, Event)> = Vec::with_capacity(delivered.len());
         for (sequence, index, outcome) in outcomes {
             let message = &batch[index].message;
-            let read = match outcome.unwrap_or_else(|| events::decode_sealed(&message.payload)) {
-                Ok(events::Decoded::Plain(event)) => Ok(event),
-                Ok(sealed) => match self.reader.open(sealed).await {
+            let opened =
+                match outcome.unwrap_or_else(|| decode_ahead(&message.payload, &self.reader)) {
+                    Ok(Ahead::Read(read)) => Ok(read),
+                    Ok(Ahead::Sealed(sealed)) => {
+                        Ok(self.reader.open(events::Decoded::Sealed(sealed)).await)
+                    }
+                    Err(error) => Err(error),
+                };
+            let read = match opened {
+                Ok(opened) => match opened {
                     Ok(read) => Ok(read.event),
                     // The key not visible yet, the bucket out of reach, or no KEK given:
                     // the batch is not applied and comes again from the checkpoint.
@@ -1103,7 +1110,30 @@ fn more_pending(batch: &[Delivered]) -> bool {
         .is_some_and(|position| position.pending > 0)
 }
 
-type Decoded = Result<events::Decoded, events::DecodeError>;
+/// What decoding ahead made of a message: read through (plain, or opened with a key this
+/// process holds), or still sealed (its key is fetched when the batch is applied).
+enum Ahead {
+    Read(Result<ReadEvent, ReadError>),
+    Sealed(events::SealedEvent),
+}
+
+type Decoded = Result<Ahead, events::DecodeError>;
+
+/// Decodes, and opens what the keys at hand open, so that work overlaps the previous
+/// batch's commit.
+fn decode_ahead(bytes: &[u8], reader: &EventReader) -> Decoded {
+    Ok(match events::decode_sealed(bytes)? {
+        events::Decoded::Plain(event) => Ahead::Read(Ok(ReadEvent {
+            event,
+            personal: service_kit::event_reader::Personal::Clear,
+            key: None,
+        })),
+        events::Decoded::Sealed(sealed) => match reader.open_cached(sealed) {
+            Ok(read) => Ahead::Read(read),
+            Err(sealed) => Ahead::Sealed(sealed),
+        },
+    })
+}
 
 /// A delivered message with its event, decoded as it arrived: while the batch before it
 /// was being applied, when it arrived then.
@@ -1126,7 +1156,7 @@ struct Position {
 }
 
 impl Delivered {
-    fn decode(message: Message) -> Self {
+    fn decode(message: Message, reader: &EventReader) -> Self {
         let position = message
             .info()
             .map(|info| Position {
@@ -1135,7 +1165,7 @@ impl Delivered {
                 pending: info.pending,
             })
             .map_err(|e| e.to_string());
-        let event = Some(events::decode_sealed(&message.payload));
+        let event = Some(decode_ahead(&message.payload, reader));
         Delivered {
             message,
             position,

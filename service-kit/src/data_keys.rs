@@ -217,6 +217,17 @@ impl DataKeys {
         }
     }
 
+    /// The key `key` names if this process holds its block (no I/O): for opening events
+    /// while waiting on something else. `None`: ask [`DataKeys::lookup`].
+    pub fn cached(&self, key: DataKeyRef) -> Option<KeyLookup> {
+        let blocks = self.inner.blocks.read().ok()?;
+        match blocks.get(&key.block)?.keys.slot(key.slot) {
+            SlotKey::Key(data_key) => Some(KeyLookup::Key(data_key)),
+            SlotKey::Destroyed => Some(KeyLookup::Erased),
+            SlotKey::Unknown => None,
+        }
+    }
+
     /// The block as the bucket holds it now.
     async fn read_block(&self, block: Uuid) -> Result<Option<(u64, KeyBlock)>, DataKeyError> {
         let Some(entry) = self

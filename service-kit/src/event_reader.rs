@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use events::personal::{DataKeyRef, KekRing};
-use events::{DecodeError, Decoded, Event};
+use events::{DecodeError, Decoded, Event, SealedEvent};
 use uuid::Uuid;
 
 use crate::data_keys::{DataKeyError, DataKeys, KeyLookup};
@@ -161,6 +161,45 @@ impl EventReader {
     }
 
     /// Opens what [`events::decode_sealed`] gave (for callers that decode ahead).
+    /// [`EventReader::open`] without waiting: `Err` gives the event back when its key is
+    /// not at hand in this process (its block not seen yet, or the keys not bound yet).
+    #[allow(clippy::result_large_err)] // the event itself comes back, to be opened later
+    pub fn open_cached(
+        &self,
+        sealed: SealedEvent,
+    ) -> Result<Result<ReadEvent, ReadError>, SealedEvent> {
+        let keys = match &self.keys {
+            Keys::Bound(keys) => keys,
+            Keys::Lazy(lazy) => match lazy.bound.get() {
+                Some(keys) => keys,
+                None => return Err(sealed),
+            },
+            Keys::None => return Err(sealed),
+        };
+        let key = sealed.key();
+        let (event, student) = (sealed.metadata().event_id, sealed.student());
+        Ok(match keys.cached(key) {
+            Some(KeyLookup::Key(data_key)) => match sealed.open(&data_key) {
+                Ok(opened) => Ok(ReadEvent {
+                    event: opened,
+                    personal: Personal::Opened,
+                    key: Some(key),
+                }),
+                Err(error) => Err(ReadError::Rejected {
+                    event,
+                    student,
+                    reason: error.to_string(),
+                }),
+            },
+            Some(KeyLookup::Erased) => Ok(ReadEvent {
+                event: sealed.erased(),
+                personal: Personal::Erased,
+                key: Some(key),
+            }),
+            Some(KeyLookup::Missing) | None => return Err(sealed),
+        })
+    }
+
     pub async fn open(&self, decoded: Decoded) -> Result<ReadEvent, ReadError> {
         let sealed = match decoded {
             Decoded::Plain(event) => {
