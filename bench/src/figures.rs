@@ -190,9 +190,21 @@ pub async fn publish_all(broker: &TestBroker, events: &[Event]) -> anyhow::Resul
 pub const PROJECTOR_BATCH: usize = 1000;
 
 fn spawn_projection(world: &World, store: PgStudents) -> tokio::sync::watch::Sender<bool> {
+    spawn_projection_with(
+        world,
+        store,
+        service_kit::event_reader::EventReader::without_keys(),
+    )
+}
+
+fn spawn_projection_with(
+    world: &World,
+    store: PgStudents,
+    reader: service_kit::event_reader::EventReader,
+) -> tokio::sync::watch::Sender<bool> {
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let runner = ProjectionRunner {
-        reader: service_kit::event_reader::EventReader::without_keys(),
+        reader,
         jetstream: world.broker.jetstream.clone(),
         names: world.broker.names.clone(),
         store,
@@ -282,6 +294,50 @@ pub async fn projection(events: usize) -> anyhow::Result<ProjectionRuns> {
         ceiling,
         ceiling_with_broker: ceiling_with_broker?,
     })
+}
+
+/// The live projector on a backlog of registrations whose names are sealed as the gateway
+/// seals them (schema version 2, a data key per student from the key-block bucket): the
+/// cost of opening them, against [`projection`]'s plain backlog.
+pub async fn sealed_projection(events: usize) -> anyhow::Result<Run> {
+    let world = World::new().await;
+    let store = PgStudents::connect(&world.db.url).await?;
+    let keys = test_support::SealingKeys::bind(&world.broker.jetstream, &world.broker.names).await;
+    let mut last = 0;
+    for chunk in (0..events).collect::<Vec<_>>().chunks(1000) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for &i in chunk {
+            let event = student_event(Uuid::now_v7(), EventPayload::StudentRegistered(details(i)));
+            let subject = world
+                .broker
+                .names
+                .aggregate_subject(event.metadata.aggregate_kind, event.metadata.aggregate_id);
+            let payload = keys.encode(&event).await;
+            acks.push(
+                world
+                    .broker
+                    .jetstream
+                    .publish(subject, payload.into())
+                    .await?,
+            );
+        }
+        for ack in acks {
+            last = last.max(ack.await?.sequence);
+        }
+    }
+    let reader = test_support::test_reader(&world.broker.jetstream, &world.broker.names);
+    let started = Instant::now();
+    let cpu = world::own_cpu_seconds();
+    let stop = spawn_projection_with(&world, store.clone(), reader);
+    wait_applied(&store, last).await?;
+    let run = Run {
+        rate: events as f64 / started.elapsed().as_secs_f64(),
+        system_cpu: world::own_cpu_seconds() - cpu,
+        ..Run::default()
+    };
+    let _ = stop.send(true);
+    world.cleanup().await;
+    Ok(run)
 }
 
 /// The projector's ceiling: `backlog`'s rows upserted into a copy of `students`, one

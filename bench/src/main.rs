@@ -283,6 +283,8 @@ async fn all(args: Args) -> anyhow::Result<()> {
     let bin_dir = world::bin_dir(args.bin_dir.as_ref())?;
     let (c, warmup, duration) = (args.concurrency, args.warmup(), args.duration());
     let mut commands = Vec::new();
+    let mut unsealed_commands = Vec::new();
+    let mut sealed_projection = Vec::new();
     let mut publish = Vec::new();
     let mut peer_runs = Vec::new();
     let mut projection = Vec::new();
@@ -318,9 +320,25 @@ async fn all(args: Args) -> anyhow::Result<()> {
             let world = World::new().await;
             let system = world.start_system(&bin_dir).await?;
             if args.measures(Part::Commands) {
-                say("create commands over HTTP, and JetStream publish-with-ack");
-                commands
-                    .push(figures::create_commands(&system.gateway, c, warmup, duration).await?);
+                // Sealed and unsealed take turns going first, so neither always meets the
+                // fresher stream.
+                let unsealed = world.start_unsealed_gateway(&bin_dir).await?;
+                for sealed in [run % 2 == 1, run % 2 == 0] {
+                    if sealed {
+                        say("create commands over HTTP (names sealed)");
+                        commands.push(
+                            figures::create_commands(&system.gateway, c, warmup, duration)
+                                .await?,
+                        );
+                    } else {
+                        say("create commands with the names not sealed (the cost of sealing)");
+                        unsealed_commands.push(
+                            figures::create_commands(&unsealed, c, warmup, duration).await?,
+                        );
+                    }
+                }
+                drop(unsealed);
+                say("JetStream publish-with-ack");
                 publish.push(figures::publish_with_ack(&world.broker, c, warmup, duration).await?);
             }
 
@@ -418,8 +436,17 @@ async fn all(args: Args) -> anyhow::Result<()> {
                 "projector on a backlog of {} events, and raw UNNEST upserts",
                 args.projection_events
             ));
+            // The sealed backlog goes first in every other run (as the commands above).
+            if run % 2 == 0 {
+                say("projector on the backlog with the names sealed");
+                sealed_projection.push(figures::sealed_projection(args.projection_events).await?);
+            }
             let runs = figures::projection(args.projection_events).await?;
             projection.push(runs.system);
+            if run % 2 == 1 {
+                say("projector on the same backlog with the names sealed");
+                sealed_projection.push(figures::sealed_projection(args.projection_events).await?);
+            }
             unnest.push(runs.ceiling);
             unnest_with_broker.push(runs.ceiling_with_broker);
         }
@@ -466,10 +493,10 @@ async fn all(args: Args) -> anyhow::Result<()> {
     });
     let rows = rows(
         &args,
-        commands,
+        [commands, unsealed_commands],
         publish,
         peer_runs,
-        projection,
+        [projection, sealed_projection],
         [unnest, unnest_with_broker],
         replay,
         reads,
@@ -545,10 +572,10 @@ async fn all(args: Args) -> anyhow::Result<()> {
 #[allow(clippy::too_many_arguments)]
 fn rows(
     args: &Args,
-    commands: Vec<Run>,
+    [commands, unsealed_commands]: [Vec<Run>; 2],
     publish: Vec<Run>,
     peer: Vec<Run>,
-    projection: Vec<Run>,
+    [projection, sealed_projection]: [Vec<Run>; 2],
     [unnest, unnest_with_broker]: [Vec<Run>; 2],
     replay: Vec<Run>,
     reads: [Vec<Run>; 6],
@@ -596,6 +623,19 @@ fn rows(
             compare: Compare::Rate,
         },
         Row {
+            label: "create commands, names sealed",
+            figure: "create commands over HTTP (as above), names sealed with the student's data key".into(),
+            unit: "/s",
+            met: Some(ratio(&commands, &unsealed_commands) >= 0.95),
+            runs: commands.clone(),
+            ceiling_name: "the same gateway storing names in the clear (UNSEALED_FOR_BENCHMARK)"
+                .into(),
+            ceiling: unsealed_commands,
+            target: "≥ 95 % of the unsealed figure".into(),
+            chart: false,
+            compare: Compare::Rate,
+        },
+        Row {
             label: "projector",
             figure: "projector into Postgres, live (backlog)".into(),
             unit: "events/s",
@@ -608,6 +648,19 @@ fn rows(
             ceiling: unnest,
             target: "≥ 40 000 events/s, ≥ 60 %".into(),
             chart: true,
+            compare: Compare::Rate,
+        },
+        Row {
+            label: "projector, names sealed",
+            figure: "projector into Postgres, live (backlog), every name sealed (schema v2)"
+                .into(),
+            unit: "events/s",
+            met: Some(ratio(&sealed_projection, &projection) >= 0.95),
+            runs: sealed_projection,
+            ceiling_name: "the same projector on plain (v1) events, above".into(),
+            ceiling: projection.clone(),
+            target: "≥ 95 % of the plain figure".into(),
+            chart: false,
             compare: Compare::Rate,
         },
         Row {
@@ -722,8 +775,8 @@ fn rows(
             .map_or(rows.len(), |i| i + 1);
         rows.insert(at, mongo_row(mongo));
     }
-    // Next to the one-node create-commands row.
-    rows.splice(1..1, cluster_rows(cluster));
+    // Next to the one-node create-commands rows.
+    rows.splice(2..2, cluster_rows(cluster));
     rows
 }
 

@@ -54,6 +54,14 @@ impl World {
         env
     }
 
+    /// Another gateway on this world that stores students' names in the clear
+    /// (`UNSEALED_FOR_BENCHMARK`), for the cost of sealing them, measured beside the real one.
+    pub async fn start_unsealed_gateway(&self, bin_dir: &Path) -> anyhow::Result<Process> {
+        let mut env = self.environment(false);
+        env.push(("UNSEALED_FOR_BENCHMARK", "true".to_owned()));
+        Process::start(&bin_dir.join("command-gateway"), &env, None).await
+    }
+
     /// Starts the three services on this world (projectors first: they create the tables).
     pub async fn start_system(&self, bin_dir: &Path) -> anyhow::Result<System> {
         let projectors =
