@@ -59,8 +59,6 @@ async fn state_sealing(
 
 /// Connects to NATS and builds the router from configuration.
 pub async fn build(config: &Config) -> anyhow::Result<axum::Router> {
-    // In the background: NATS may come up after the gateway (a first install); until then
-    // `/readyz` fails and commands answer 503.
     // Before anything else: without its KEK the gateway must not take a single command.
     let kek = service_kit::event_reader::load_kek_ring(config.kek_file.as_deref())?;
     if config.unsealed_for_benchmark {
@@ -69,6 +67,8 @@ pub async fn build(config: &Config) -> anyhow::Result<axum::Router> {
              clear and can never be erased; this is for the benchmark only"
         );
     }
+    // In the background: NATS may come up after the gateway (a first install); until then
+    // `/readyz` fails and commands answer 503.
     let nats = config.nats.connect_in_background("command-gateway").await?;
     let state = state_sealing(
         nats,
