@@ -860,9 +860,10 @@ impl<S: ProjectionStore> ProjectionRunner<S> {
             let read = match opened {
                 Ok(opened) => match opened {
                     Ok(read) => Ok(read.event),
-                    // The key not visible yet, the bucket out of reach, or no KEK given:
-                    // the batch is not applied and comes again from the checkpoint.
-                    Err(error) if error.is_transient() || matches!(error, ReadError::NoKeys) => {
+                    // The key not visible yet, the bucket out of reach, no KEK given or
+                    // not the KEK that wraps the key's block: the batch is not applied and
+                    // comes again from the checkpoint.
+                    Err(error) if error.is_transient() || error.is_configuration() => {
                         return Err(SubscriptionEnd::Failed(anyhow::anyhow!(
                             "event {sequence} cannot be opened yet: {error}"
                         )));

@@ -333,7 +333,11 @@ impl DataKeys {
                 .await
                 .map_err(broker)?
             else {
-                return Ok(());
+                // A block is written before any event names it, so this is a replica that
+                // has not seen it yet: claiming the key destroyed would be a lie.
+                return Err(DataKeyError::Broker(format!(
+                    "key block {block} is not visible here yet"
+                )));
             };
             if entry.operation != kv::Operation::Put {
                 return Ok(());

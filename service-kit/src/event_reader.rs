@@ -58,6 +58,15 @@ pub enum ReadError {
 impl ReadError {
     /// Whether reading again later may succeed (the broker or the bucket was out of reach,
     /// or the key is not visible yet); otherwise the bytes or the configuration are wrong.
+    /// This process cannot open the key block (a KEK it was not given, e.g. mid-rotation):
+    /// a configuration to fix, never a reason to set an event aside.
+    pub fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            ReadError::NoKeys | ReadError::Keys(DataKeyError::Unwrap { .. })
+        )
+    }
+
     pub fn is_transient(&self) -> bool {
         matches!(
             self,

@@ -344,11 +344,16 @@ async fn main() -> anyhow::Result<()> {
             );
             if report.switched {
                 println!(
-                    "switched: {} is sealed at position {}. Run every service with \
+                    "switched: {} is sealed at position {}{}. Run every service with \
                      STREAM_PREFIX={}; then delete the old stream {} (it still holds names \
                      in the clear), e.g. `nats stream rm {}`",
                     names.event_stream(),
                     report.source_last,
+                    if report.old_keys_retired {
+                        "; the old key bucket is erased and deleted"
+                    } else {
+                        ""
+                    },
                     to_prefix.prefix(),
                     names.event_stream(),
                     names.event_stream()

@@ -18,10 +18,13 @@
 //! - **Erased students** (a `StudentErased` in the history): the keys their v1 names were
 //!   sealed with are destroyed when the erasure is copied, so their names are unreadable in
 //!   the new stream as in every other copy.
-//! - Key blocks and stored `Idempotency-Key` outcomes are copied to the new prefix's
-//!   buckets (then block revisions older than the copy are erased); the new lease bucket's
-//!   revisions continue above the old one's, so the fence recorded with each checkpoint
-//!   lets the new projectors in.
+//! - Key blocks are copied to the new prefix's bucket when it does not hold them yet
+//!   (never replaced: the new copy may have slots destroyed since), and after a verified
+//!   switch the old bucket is erased and deleted, so no copy of a key outlives an erasure
+//!   made after it. Stored `Idempotency-Key` outcomes are not copied (those written before
+//!   names were sealed hold them; a retried create still finds what it made). The new lease
+//!   bucket's revisions continue above the old one's, so the fence recorded with each
+//!   checkpoint lets the new projectors in.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -66,6 +69,8 @@ pub struct MigrateReport {
     /// The old stream's last position, and whether it is sealed (switched).
     pub source_last: u64,
     pub switched: bool,
+    /// The old prefix's key bucket erased and deleted (after a verified switch).
+    pub old_keys_retired: bool,
     pub elapsed: Duration,
 }
 
@@ -88,13 +93,6 @@ pub async fn migrate(
         .await
         .with_context(|| format!("the old stream {}", from.event_stream()))?;
 
-    let mut report = MigrateReport::default();
-    // Sealed first: an erasure appended before it has its key copied (and destroyed by
-    // the copy of the erasure); none can come after it.
-    if options.switch {
-        seal(&js, &from.event_stream()).await?;
-        report.switched = true;
-    }
     crate::apply(
         &js,
         &crate::desired(to, options.replicas),
@@ -102,30 +100,35 @@ pub async fn migrate(
     )
     .await
     .context("declaring the new prefix's streams, consumers and buckets")?;
-    continue_lease_revisions(&js, from, to).await?;
-    copy_bucket(&js, &from.idempotency_bucket(), &to.idempotency_bucket()).await?;
-    copy_bucket(&js, &from.student_keys_bucket(), &to.student_keys_bucket()).await?;
-    let new_keys = DataKeys::bind(&js, to, ring.clone()).await?;
-    // A block copied again replaced an older copy, which may hold a key destroyed since.
-    new_keys.sweep().await?;
-
+    let target = js.get_stream(to.event_stream()).await?;
+    let target_last = target.clone().info().await?.state.last_sequence;
     let source_info = source.clone().info().await?.clone();
+    // Before anything is copied: a new stream ahead of the old one is written by someone
+    // else (the new deployment, after a switch), and copying onto it would undo its work.
+    ensure!(
+        target_last <= source_info.state.last_sequence,
+        "the new stream {} holds {} events, the old one {}: something else writes to it \
+         (start the services with the new prefix only after --switch)",
+        to.event_stream(),
+        target_last,
+        source_info.state.last_sequence
+    );
     ensure!(
         source_info.state.messages == 0 || source_info.state.first_sequence == 1,
         "the old stream starts at position {}, not 1: its positions cannot be kept",
         source_info.state.first_sequence
     );
-    report.source_last = source_info.state.last_sequence;
-    let target = js.get_stream(to.event_stream()).await?;
-    let target_last = target.clone().info().await?.state.last_sequence;
-    ensure!(
-        target_last <= report.source_last,
-        "the new stream {} holds {} events, the old one {}: something else writes to it \
-         (start the services with the new prefix only after --switch)",
-        to.event_stream(),
-        target_last,
-        report.source_last
-    );
+    let mut report = MigrateReport::default();
+    // Sealed first: an erasure appended before it is copied below and destroys its keys in
+    // the new bucket; none can come after it.
+    if options.switch {
+        seal(&js, &from.event_stream()).await?;
+        report.switched = true;
+    }
+    continue_lease_revisions(&js, from, to).await?;
+    copy_absent_blocks(&js, &from.student_keys_bucket(), &to.student_keys_bucket()).await?;
+    let new_keys = DataKeys::bind(&js, to, ring.clone()).await?;
+    report.source_last = source.clone().info().await?.state.last_sequence;
     report.resumed_at = target_last;
 
     let bar = progress_bar(options.progress)?;
@@ -158,6 +161,12 @@ pub async fn migrate(
     let mut report = copier.report;
     report.verified = verify(&js, from, to, &old_reader, &new_reader, end, &bar).await?;
     bar.finish_and_clear();
+    if report.switched && report.verified == report.source_last {
+        // Every block is in the new bucket now; the old one would keep alive the keys an
+        // erasure after the switch destroys in the new one.
+        retire_bucket(&js, &from.student_keys_bucket()).await?;
+        report.old_keys_retired = true;
+    }
     report.elapsed = started.elapsed();
     Ok(report)
 }
@@ -419,10 +428,12 @@ async fn seal(js: &jetstream::Context, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Copies every current value of one KV bucket into another (creating or replacing).
-async fn copy_bucket(js: &jetstream::Context, from: &str, to: &str) -> anyhow::Result<()> {
+/// Copies every key block of the old bucket that the new one does not hold. Never
+/// replaces one: a block in the new bucket may have a slot destroyed that the old copy
+/// still holds (an erasure copied, or made after the switch).
+async fn copy_absent_blocks(js: &jetstream::Context, from: &str, to: &str) -> anyhow::Result<()> {
     let Ok(source) = js.get_key_value(from).await else {
-        return Ok(()); // an old deployment without this bucket
+        return Ok(()); // retired after a switch, or an old deployment without keys
     };
     let target = js.get_key_value(to).await?;
     let mut keys = source.keys().await?;
@@ -431,14 +442,38 @@ async fn copy_bucket(js: &jetstream::Context, from: &str, to: &str) -> anyhow::R
         let Some(entry) = source.entry(&key).await? else {
             continue;
         };
-        if entry.operation != kv::Operation::Put {
+        if entry.operation != kv::Operation::Put || target.get(&key).await?.is_some() {
             continue;
         }
-        let current = target.get(&key).await?;
-        if current.as_ref() != Some(&entry.value) {
-            target.put(&key, entry.value).await?;
+        if let Err(error) = target.create(&key, entry.value).await
+            && error.kind() != kv::CreateErrorKind::AlreadyExists
+        {
+            return Err(error.into());
         }
     }
+    Ok(())
+}
+
+/// Erases every message of a KV bucket (each overwritten on disk), then deletes it.
+async fn retire_bucket(js: &jetstream::Context, bucket: &str) -> anyhow::Result<()> {
+    let name = format!("KV_{bucket}");
+    let Ok(mut stream) = js.get_stream(&name).await else {
+        return Ok(());
+    };
+    let state = stream.info().await?.state.clone();
+    for sequence in state.first_sequence..=state.last_sequence {
+        match stream.delete_message(sequence).await {
+            Ok(_) => {}
+            Err(error) if error.to_string().contains("no message found") => {}
+            Err(error) => {
+                return Err(anyhow::anyhow!(error))
+                    .with_context(|| format!("erasing message {sequence} of {name}"));
+            }
+        }
+    }
+    js.delete_stream(&name)
+        .await
+        .with_context(|| format!("deleting {name}"))?;
     Ok(())
 }
 
@@ -481,6 +516,7 @@ async fn verify(
     // Students whose names read as erased in the new stream, and those with an erasure.
     let mut read_as_erased = BTreeSet::new();
     let mut erased = BTreeSet::new();
+    let mut opened = BTreeSet::new();
     let mut verified = 0;
     while verified < last {
         let (Some(old_message), Some(new_message)) = (old.next().await, new.next().await) else {
@@ -517,6 +553,9 @@ async fn verify(
                 if matches!(old_event.event.payload, EventPayload::StudentErased(_)) {
                     erased.insert(student);
                 }
+                if matches!(new_event.personal, Personal::Opened) {
+                    opened.insert(student);
+                }
                 if matches!(new_event.personal, Personal::Erased) {
                     read_as_erased.insert(student);
                     if old_event.event.metadata != new_event.event.metadata {
@@ -541,6 +580,9 @@ async fn verify(
     }
     if let Some(student) = read_as_erased.difference(&erased).next() {
         bail!("student {student}'s names read as erased in the copy, but it was never erased");
+    }
+    if let Some(student) = opened.intersection(&erased).next() {
+        bail!("student {student} was erased, but names of it still open in the copy");
     }
     Ok(verified)
 }

@@ -270,6 +270,14 @@ async fn a_stream_written_in_the_clear_is_copied_sealed_with_every_position_kept
         Err(error) => Some(error),
     };
     assert!(refused.is_some(), "the sealed old stream took a write");
+    assert!(last.old_keys_retired);
+    assert!(
+        old.jetstream
+            .get_key_value(old.names.student_keys_bucket())
+            .await
+            .is_err(),
+        "the old key bucket outlives the switch"
+    );
 
     // The projectors move over: from the old deployment's checkpoint, nothing applied twice,
     // and the next command's event lands.
@@ -305,6 +313,20 @@ async fn a_stream_written_in_the_clear_is_copied_sealed_with_every_position_kept
     let adas = |rows: &[(Uuid, String, i64)]| rows.iter().find(|r| r.0 == ada).cloned();
     assert_eq!(adas(&after_switch), adas(&before_switch), "Ada untouched");
     let _ = new_projection.send(true);
+    // A migration run again once the new deployment writes refuses before touching anything.
+    let again = migrate(
+        client,
+        &old.names,
+        &new,
+        test_support::test_kek(),
+        options(true, None),
+    )
+    .await
+    .expect_err("ran onto the new deployment's stream");
+    assert!(
+        format!("{again:#}").contains("something else writes to it"),
+        "{again:#}"
+    );
 
     // Every position holds the same event; the v1 names are sealed now.
     let old_stream = old
