@@ -327,14 +327,12 @@ async fn all(args: Args) -> anyhow::Result<()> {
                     if sealed {
                         say("create commands over HTTP (names sealed)");
                         commands.push(
-                            figures::create_commands(&system.gateway, c, warmup, duration)
-                                .await?,
+                            figures::create_commands(&system.gateway, c, warmup, duration).await?,
                         );
                     } else {
                         say("create commands with the names not sealed (the cost of sealing)");
-                        unsealed_commands.push(
-                            figures::create_commands(&unsealed, c, warmup, duration).await?,
-                        );
+                        unsealed_commands
+                            .push(figures::create_commands(&unsealed, c, warmup, duration).await?);
                     }
                 }
                 drop(unsealed);
