@@ -31,6 +31,11 @@ const STREAM_CHECK_TIMEOUT: Duration = Duration::from_millis(250);
 /// First and longest pause between two checks.
 const FIRST_PAUSE: Duration = Duration::from_millis(1);
 const LONGEST_PAUSE: Duration = Duration::from_millis(25);
+/// A token is lowered to the stream's end only if the end lies before it twice, this far
+/// apart. A leader that was paused or cut off resumes answering as leader, with its old end,
+/// until it hears of the new term: about a second after its routes come back here (the
+/// nemesis found reads with their writes' tokens lowered in that window).
+const END_CONFIRMATION: Duration = Duration::from_millis(1500);
 
 /// Per projection, the position a cached entry must have been read at to be served.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -128,7 +133,7 @@ impl Consistency {
                     Reached::NotYet => {}
                     Reached::PastStreamEnd if !asked_leader => {
                         // Asked again on the next round while the answer is not trusted.
-                        if let Some(end) = self.stream_end().await {
+                        if let Some(end) = self.confirmed_stream_end(token).await {
                             asked_leader = true;
                             if end < token {
                                 token = end;
@@ -182,6 +187,17 @@ impl Consistency {
             Some(LastEvent::At(_) | LastEvent::None) => Ok(Reached::PastStreamEnd),
             None => Ok(Reached::NotYet),
         }
+    }
+
+    /// [`Consistency::stream_end`], asked again after [`END_CONFIRMATION`] when it lies
+    /// before `token`: the second answer is the one to lower the token to.
+    async fn confirmed_stream_end(&self, token: u64) -> Option<u64> {
+        let first = self.stream_end().await?;
+        if first >= token {
+            return Some(first);
+        }
+        tokio::time::sleep(END_CONFIRMATION).await;
+        self.stream_end().await
     }
 
     /// The stream's last sequence as its leader knows it (stream info); `None` when the
