@@ -123,24 +123,11 @@ async fn a_server_older_than_2_14_ends_the_projectors_non_zero_naming_both_versi
 /// not start, and says which variable is missing; the same for a file that is not a KEK.
 #[test]
 fn without_a_kek_file_the_projectors_do_not_start_and_say_why() {
-    let bad = std::env::temp_dir().join(format!("not-a-kek-{}", unique_suffix()));
-    std::fs::write(&bad, "k1:0011\n").expect("write");
-    for (kek, expected) in [(None, "KEK_FILE is not set"), (Some(&bad), "line 1")] {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_projectors"));
-        command
-            .env("NATS_URL", "nats://127.0.0.1:1")
-            .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
-            .env("LISTEN_ADDR", "127.0.0.1:0")
-            .env_remove("KEK_FILE")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if let Some(path) = kek {
-            command.env("KEK_FILE", path);
-        }
-        let output = command.output().expect("the projectors ran");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "started without a KEK: {stderr}");
-        assert!(stderr.contains(expected), "{stderr}");
-    }
-    let _ = std::fs::remove_file(&bad);
+    test_support::assert_refuses_to_start_without_a_kek(
+        env!("CARGO_BIN_EXE_projectors"),
+        &[
+            ("NATS_URL", "nats://127.0.0.1:1"),
+            ("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none"),
+        ],
+    );
 }

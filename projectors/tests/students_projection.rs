@@ -548,12 +548,8 @@ async fn an_event_the_read_model_keeps_refusing_is_dead_lettered_and_the_rest_ap
     broker.cleanup().await;
 }
 
-/// Sealed names (schema version 2) go through the one reading path: a projector without
-/// the KEK applies nothing and dead-letters nothing (it waits for its configuration); with
-/// it, the names are opened into the read model. A sealed value that does not open with the
-/// student's key is dead-lettered like any undecodable event.
-#[tokio::test]
-async fn sealed_names_are_opened_with_the_students_key_and_wait_without_it() {
+/// Streams, a database and the data-key bucket of one test (with the test KEK).
+async fn with_data_keys() -> (TestBroker, TestDatabase, PgStudents, DataKeys) {
     let broker = TestBroker::start().await;
     let db = TestDatabase::create().await;
     let store = PgStudents::with_pool(db.pool.clone())
@@ -562,6 +558,16 @@ async fn sealed_names_are_opened_with_the_students_key_and_wait_without_it() {
     let keys = DataKeys::bind(&broker.jetstream, &broker.names, test_support::test_kek())
         .await
         .expect("bucket");
+    (broker, db, store, keys)
+}
+
+/// Sealed names (schema version 2) go through the one reading path: a projector without
+/// the KEK applies nothing and dead-letters nothing (it waits for its configuration); with
+/// it, the names are opened into the read model. A sealed value that does not open with the
+/// student's key is dead-lettered like any undecodable event.
+#[tokio::test]
+async fn sealed_names_are_opened_with_the_students_key_and_wait_without_it() {
+    let (broker, db, store, keys) = with_data_keys().await;
     let (ada, grace) = (Uuid::now_v7(), Uuid::now_v7());
     let (ada_at, ada_key) = keys.allocate().await.expect("key");
     let (grace_at, _) = keys.allocate().await.expect("key");
@@ -612,14 +618,7 @@ async fn sealed_names_are_opened_with_the_students_key_and_wait_without_it() {
 /// still opens.
 #[tokio::test]
 async fn the_projectors_destroy_the_key_an_erasure_names() {
-    let broker = TestBroker::start().await;
-    let db = TestDatabase::create().await;
-    let store = PgStudents::with_pool(db.pool.clone())
-        .await
-        .expect("migrated");
-    let keys = DataKeys::bind(&broker.jetstream, &broker.names, test_support::test_kek())
-        .await
-        .expect("bucket");
+    let (broker, db, store, keys) = with_data_keys().await;
     let ada = Uuid::now_v7();
     let (ada_at, ada_key) = keys.allocate().await.expect("key");
     publish(

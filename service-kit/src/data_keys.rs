@@ -427,30 +427,21 @@ fn remember(inner: &Inner, block: Uuid, revision: u64, keys: Arc<KeyBlock>) -> A
     let Ok(mut blocks) = inner.blocks.write() else {
         return keys;
     };
-    match blocks.get(&block) {
-        Some(kept) if kept.revision >= revision => kept.keys.clone(),
-        Some(_) => {
-            let _ = inner.rewritten.send(block);
-            blocks.insert(
-                block,
-                CachedBlock {
-                    revision,
-                    keys: keys.clone(),
-                },
-            );
-            keys
+    if let Some(kept) = blocks.get(&block) {
+        if kept.revision >= revision {
+            return kept.keys.clone();
         }
-        None => {
-            blocks.insert(
-                block,
-                CachedBlock {
-                    revision,
-                    keys: keys.clone(),
-                },
-            );
-            keys
-        }
+        // A block this process had seen, rewritten: an erasure or a rotation.
+        let _ = inner.rewritten.send(block);
     }
+    blocks.insert(
+        block,
+        CachedBlock {
+            revision,
+            keys: keys.clone(),
+        },
+    );
+    keys
 }
 
 /// Keeps the process's copies of the blocks current: every block at start, then every

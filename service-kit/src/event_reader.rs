@@ -169,7 +169,6 @@ impl EventReader {
         self.open(events::decode_sealed(bytes)?).await
     }
 
-    /// Opens what [`events::decode_sealed`] gave (for callers that decode ahead).
     /// [`EventReader::open`] without waiting: `Err` gives the event back when its key is
     /// not at hand in this process (its block not seen yet, or the keys not bound yet).
     #[allow(clippy::result_large_err)] // the event itself comes back, to be opened later
@@ -185,30 +184,13 @@ impl EventReader {
             },
             Keys::None => return Err(sealed),
         };
-        let key = sealed.key();
-        let (event, student) = (sealed.metadata().event_id, sealed.student());
-        Ok(match keys.cached(key) {
-            Some(KeyLookup::Key(data_key)) => match sealed.open(&data_key) {
-                Ok(opened) => Ok(ReadEvent {
-                    event: opened,
-                    personal: Personal::Opened,
-                    key: Some(key),
-                }),
-                Err(error) => Err(ReadError::Rejected {
-                    event,
-                    student,
-                    reason: error.to_string(),
-                }),
-            },
-            Some(KeyLookup::Erased) => Ok(ReadEvent {
-                event: sealed.erased(),
-                personal: Personal::Erased,
-                key: Some(key),
-            }),
-            Some(KeyLookup::Missing) | None => return Err(sealed),
-        })
+        match keys.cached(sealed.key()) {
+            Some(lookup) => Ok(opened_with(sealed, lookup)),
+            None => Err(sealed),
+        }
     }
 
+    /// Opens what [`events::decode_sealed`] gave (for callers that decode ahead).
     pub async fn open(&self, decoded: Decoded) -> Result<ReadEvent, ReadError> {
         let sealed = match decoded {
             Decoded::Plain(event) => {
@@ -220,32 +202,36 @@ impl EventReader {
             }
             Decoded::Sealed(sealed) => sealed,
         };
-        let keys = self.keys().await?;
-        let student = sealed.student();
-        let key = sealed.key();
-        match keys.lookup(key).await? {
-            KeyLookup::Key(data_key) => {
-                let event = sealed.metadata().event_id;
-                let opened = sealed
-                    .open(&data_key)
-                    .map_err(|error| ReadError::Rejected {
-                        event,
-                        student,
-                        reason: error.to_string(),
-                    })?;
-                Ok(ReadEvent {
-                    event: opened,
-                    personal: Personal::Opened,
-                    key: Some(key),
-                })
-            }
-            KeyLookup::Erased => Ok(ReadEvent {
-                event: sealed.erased(),
-                personal: Personal::Erased,
+        let lookup = self.keys().await?.lookup(sealed.key()).await?;
+        opened_with(sealed, lookup)
+    }
+}
+
+/// A sealed event read with what the bucket holds for its key.
+fn opened_with(sealed: SealedEvent, lookup: KeyLookup) -> Result<ReadEvent, ReadError> {
+    let (student, key) = (sealed.student(), sealed.key());
+    match lookup {
+        KeyLookup::Key(data_key) => {
+            let event = sealed.metadata().event_id;
+            let opened = sealed
+                .open(&data_key)
+                .map_err(|error| ReadError::Rejected {
+                    event,
+                    student,
+                    reason: error.to_string(),
+                })?;
+            Ok(ReadEvent {
+                event: opened,
+                personal: Personal::Opened,
                 key: Some(key),
-            }),
-            KeyLookup::Missing => Err(ReadError::KeyMissing { student, key }),
+            })
         }
+        KeyLookup::Erased => Ok(ReadEvent {
+            event: sealed.erased(),
+            personal: Personal::Erased,
+            key: Some(key),
+        }),
+        KeyLookup::Missing => Err(ReadError::KeyMissing { student, key }),
     }
 }
 

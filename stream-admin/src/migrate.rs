@@ -442,7 +442,7 @@ async fn copy_absent_blocks(js: &jetstream::Context, from: &str, to: &str) -> an
         let Some(entry) = source.entry(&key).await? else {
             continue;
         };
-        if entry.operation != kv::Operation::Put || target.get(&key).await?.is_some() {
+        if entry.operation != kv::Operation::Put {
             continue;
         }
         if let Err(error) = target.create(&key, entry.value).await

@@ -94,6 +94,31 @@ pub fn test_kek_file() -> std::path::PathBuf {
     path
 }
 
+/// Runs the service binary `binary` with `env`, first without `KEK_FILE`, then with a file
+/// that holds no KEK: each time it must exit non-zero, its stderr saying what is missing or
+/// wrong, before it reaches for any server.
+pub fn assert_refuses_to_start_without_a_kek(binary: &str, env: &[(&str, &str)]) {
+    let bad = std::env::temp_dir().join(format!("not-a-kek-{}", unique_suffix()));
+    std::fs::write(&bad, "k1:0011\n").expect("write");
+    for (kek, expected) in [(None, "KEK_FILE is not set"), (Some(&bad), "line 1")] {
+        let mut command = std::process::Command::new(binary);
+        command
+            .envs(env.iter().copied())
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env_remove("KEK_FILE")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(path) = kek {
+            command.env("KEK_FILE", path);
+        }
+        let output = command.output().expect("the service ran");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "started without a KEK: {stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+    }
+    let _ = std::fs::remove_file(&bad);
+}
+
 /// The one reading path with [`TEST_KEK`], for tests that read what a gateway wrote
 /// (student names sealed with data keys in `names`' bucket).
 pub fn test_reader(
